@@ -1,0 +1,58 @@
+# coralline: run `make help` for the targets. Everything installs itself on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+BENCH_OUT ?= bench/out
+
+.PHONY: help install test test-fast lint format demo bench protos clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[server,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Build .venv from nothing (torch CPU 2.13.0, grpc, ray, ...); idempotent
+	@$(MAKE) --no-print-directory protos
+
+protos: $(STAMP) ## Generate Python gRPC code from protos/ into services/coralline/_proto (gitignored)
+	@mkdir -p services/coralline/_proto
+	@touch services/coralline/_proto/__init__.py
+	@files=$$(find protos -name '*.proto' 2>/dev/null); \
+	if [ -n "$$files" ]; then \
+		$(PY) -m grpc_tools.protoc -Iprotos --python_out=services/coralline/_proto \
+			--pyi_out=services/coralline/_proto --grpc_python_out=services/coralline/_proto $$files; \
+		echo "generated code for: $$files"; \
+	else echo "protos: no .proto files yet"; fi
+
+test: install ## Run the whole test suite, slow tests included (fails on any failure or no tests)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## Run the tests not marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff lint + format check
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff format --check services tests
+
+format: install ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix services tests
+	$(VENV)/bin/ruff format services tests
+
+demo: install ## Exact expected acceptance of every verifier on toy models, side by side
+	$(PY) -m coralline.cli demo
+
+bench: install ## Verifier cost on a 64-node tree with V = 49152 (JSON in $(BENCH_OUT))
+	$(PY) -m coralline.cli bench verifiers --out $(BENCH_OUT)/verifiers.json
+
+clean: ## Remove the venv, caches and generated code
+	rm -rf $(VENV) .pytest_cache .ruff_cache services/coralline/_proto services/*.egg-info

@@ -23,7 +23,7 @@ RUNS_PER_VERIFIER = 100_000
 ALPHA = 1e-3
 MIN_EXPECTED = 20
 PAIRS = model_pairs()
-MC_PAIRS = [PAIRS[1], PAIRS[3], PAIRS[4], PAIRS[5]]  # related drafts: deep acceptances happen
+MC_PAIRS = PAIRS[1:]  # all but the unrelated pair: deep acceptances happen
 
 
 def _mc_counts(fn, scheme, shape, target, draft, runs, seed) -> Counter:
@@ -96,7 +96,7 @@ def test_greedy_monte_carlo_at_temperature_zero():
 @pytest.mark.parametrize("broken", [BonusFromOriginalRow, NoDraftUpdate])
 def test_negative_controls_fail_the_chi_square(broken):
     fn = partial(verify_traversal, impl=broken)
-    _, target, draft = PAIRS[0]  # unrelated flat models: both mistakes shift the law by > 0.02
+    _, target, draft = PAIRS[2]  # a case of the positive test; both mistakes shift TV by > 0.1
     shape = SHAPES["binary2"]
     runs = 20_000
     counts = _mc_counts(fn, "sampled_swor", shape, target, draft, runs, seed=5)

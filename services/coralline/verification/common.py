@@ -211,7 +211,9 @@ class Inputs:
             mb = self.target[i, self.draft.indices[i]].double() * (ms > 0)  # [K]
             off_support = max(0.0, 1.0 - float(mb.sum()))
             return p * off_support + float((p * mb - ms).clamp_min_(0.0).sum())
-        return float((p * self.target_row(i) - self.draft_row(i)).clamp_min_(0.0).sum())
+        # dense: in the rows' own dtype (float64 rows stay exact), accumulated in float64
+        r = (self.target[i] * p).sub_(self.draft[i]).clamp_min_(0.0)
+        return float(r.sum(dtype=torch.float64))
 
     def residual_row(self, i: int, p: float) -> torch.Tensor:  # [V] float64
         """norm(max(0, p Mb(.|i) - Ms(.|i))) under node i's original rows (see `residual`)."""

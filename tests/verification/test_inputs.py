@@ -109,7 +109,7 @@ def test_single_node_tree_samples_the_bonus_from_the_root_row():
 
 def test_registry_lookup():
     assert get_verifier("traversal").tree_kind == "sampled_swor"
-    with pytest.raises(ValueError, match="unknown verifier 'nope'.*traversal"):
+    with pytest.raises(ValueError, match=r"unknown verifier 'nope'.*traversal"):
         get_verifier("nope")
 
 

@@ -1,0 +1,229 @@
+"""The in-process speculative loop: the reference behaviour the distributed pipeline reproduces.
+
+    prefill(prompt[:-1]); root = prompt[-1]
+    each round: drafter proposes a tree rooted at the last committed token
+                target forwards the whole tree once -> warped rows [N, V] + features [N, d]
+                the verifier picks the accepted path + bonus; the KV cache keeps that path
+                accepted ids + features of the tokens that went through the target -> drafter
+    stop on EOS (an EOS inside an accepted path truncates the round), max_new_tokens, a stop
+    string, or a full context window.
+With no drafter every tree is the root alone: plain decoding through the same code, the fair
+baseline. Randomness: the verifier's coins come from `seed`, the drafter's from `seed + 1`, so
+a seed reproduces a generation exactly, in-process or across services.
+
+Knows nothing about gRPC, Ray or sessions. Tokenization is used only for stop strings and the
+text of each chunk, through the target's tokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from coralline.draft.base import Drafter, DraftProposal, check_pair, default_verifier
+from coralline.sampling import SamplingParams, make_generator
+from coralline.target import TargetRunner
+from coralline.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    verifier: str | None = None  # None = the lossless default for the drafter and temperature
+    check_inputs: bool = False  # rows are computed here, so validation is for debugging only
+
+    def __post_init__(self) -> None:
+        if self.verifier is not None:
+            from coralline.verification import get_verifier
+
+            get_verifier(self.verifier)  # unknown names fail at construction
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    round: int
+    tree_nodes: int
+    accepted: int  # accepted draft tokens (before any truncation)
+    draft_ms: float  # drafter.propose
+    verify_ms: float  # target forward + warping + verification + KV commit
+
+
+@dataclass(frozen=True)
+class Summary:
+    tokens: int
+    rounds: int
+    acceptance_length: float  # tau = 1 + accepted drafts / rounds
+    tokens_per_second: float  # generated tokens / (prefill + rounds) wall time
+    prefill_ms: float
+    draft_ms: float
+    verify_ms: float
+    finish_reason: str  # "eos", "length" (max_new_tokens), "stop" (a stop string), "context"
+    verifier: str
+    drafter: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    token_ids: list[int]  # tokens committed this round (after truncation)
+    text: str  # their text (held back while a multi-byte character is incomplete)
+    stats: RoundStats
+    summary: Summary | None = None  # set on the last chunk only
+
+
+@dataclass
+class _Text:
+    """Incremental detokenization and stop strings over the generated ids."""
+
+    tokenizer: object
+    stop: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already streamed
+
+    def add(self, new_ids: list[int]) -> tuple[str, int | None]:
+        """(text delta, number of new ids to keep if a stop string ended the text, else None)."""
+        start = len(self.ids)
+        self.ids.extend(new_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            cut = text.find(s, max(0, self.sent - len(s) + 1))
+            if cut >= 0:
+                # keep the ids up to the one that completed the stop string
+                keep = next(
+                    k
+                    for k in range(1, len(new_ids) + 1)
+                    if s in self.tokenizer.decode(self.ids[: start + k], skip_special_tokens=True)
+                )
+                del self.ids[start + keep :]
+                delta, self.sent = text[self.sent : cut], cut
+                return delta, keep
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            return "", None
+        delta, self.sent = text[self.sent :], len(text)
+        return delta, None
+
+    def flush(self) -> str:
+        """Whatever is still held back (the generation ended)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.sent = text[self.sent :], len(text)
+        return delta
+
+
+class Engine:
+    def __init__(
+        self,
+        target: TargetRunner,
+        drafter: Drafter | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.config = config or EngineConfig()
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+    ) -> Iterator[Chunk]:
+        """Stream chunks of generated tokens; the last chunk carries the summary."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.target.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if len(prompt) >= self.target.max_context:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; the context window is "
+                f"{self.target.max_context}"
+            )
+        name = self.config.verifier or default_verifier(self.drafter, params)
+        spec = check_pair(self.drafter, name, params)
+        verifier = "greedy" if params.greedy else name
+        return self._run(prompt, params, spec, verifier)
+
+    def _run(self, prompt, params, spec, verifier) -> Iterator[Chunk]:
+        target, drafter = self.target, self.drafter
+        g_verify = make_generator(params.seed)
+        g_draft = make_generator(None if params.seed is None else params.seed + 1)
+        text = _Text(target.tokenizer, params.stop) if target.tokenizer is not None else None
+        t_start = time.perf_counter()
+        features = target.prefill(prompt)
+        prefill_ms = (time.perf_counter() - t_start) * 1e3
+        if drafter is not None:
+            drafter.reset()
+        new_ids, context = list(prompt), list(prompt)
+        generated = rounds = accepted_total = 0
+        draft_ms = verify_ms = 0.0
+        while True:
+            t0 = time.perf_counter()
+            if drafter is not None:
+                proposal = drafter.propose(new_ids, features, params, g_draft)
+            else:
+                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
+            tree = proposal.tree
+            room = target.max_context - target.num_cached
+            if tree.num_nodes > room:  # near the end of the window: decode plainly
+                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
+                tree = proposal.tree
+            t1 = time.perf_counter()
+            out = target.tree_forward(tree)
+            rows = out.probs(params)  # [N, V]
+            result = spec.fn(tree, rows, proposal.rows, g_verify, check=self.config.check_inputs)
+            target.commit(result.accepted)
+            t2 = time.perf_counter()
+            rounds += 1
+            accepted_total += result.num_accepted
+            draft_ms += (t1 - t0) * 1e3
+            verify_ms += (t2 - t1) * 1e3
+            new = result.emitted_tokens(tree)
+            features = out.features[list(result.accepted)]  # [len(accepted), d]
+            finish = None
+            for k, tok in enumerate(new):
+                if tok in target.eos_token_ids:
+                    new, finish = new[: k + 1], "eos"
+                    break
+            left = params.max_new_tokens - generated
+            if len(new) >= left:
+                new, finish = new[:left], finish or "length"
+            delta = ""
+            if text is not None:
+                delta, keep = text.add(new)
+                if keep is not None:
+                    new, finish = new[:keep], "stop"
+            generated += len(new)
+            context.extend(new)
+            new_ids = new
+            if finish is None and target.num_cached + 1 >= target.max_context:
+                finish = "context"
+            stats = RoundStats(
+                rounds, tree.num_nodes, result.num_accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+            )
+            if finish is None:
+                yield Chunk(new, delta, stats)
+                continue
+            if text is not None and finish != "stop":
+                delta += text.flush()
+            elapsed = time.perf_counter() - t_start
+            summary = Summary(
+                tokens=generated,
+                rounds=rounds,
+                acceptance_length=1.0 + accepted_total / rounds,
+                tokens_per_second=generated / elapsed if elapsed > 0 else 0.0,
+                prefill_ms=prefill_ms,
+                draft_ms=draft_ms,
+                verify_ms=verify_ms,
+                finish_reason=finish,
+                verifier=verifier,
+                drafter=drafter.name if drafter is not None else "none",
+            )
+            yield Chunk(new, delta, stats, summary)
+            return
+
+
+def generate_ids(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+    """All generated token ids (convenience for tests and benchmarks)."""
+    out: list[int] = []
+    for chunk in engine.generate(prompt_ids, params):
+        out.extend(chunk.token_ids)
+    return out

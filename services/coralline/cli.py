@@ -6,10 +6,89 @@ Input errors end with a one-line message on stderr and exit status 2, never a tr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+DRAFTERS = ("ngram", "ngram-tree", "none")
+
+
+def make_drafter(name: str):
+    """A drafter by name (the drafter service will use the same names)."""
+    from coralline.draft.ngram import NgramConfig, NgramDrafter
+
+    if name == "none":
+        return None
+    if name == "ngram":
+        return NgramDrafter()
+    if name == "ngram-tree":
+        return NgramDrafter(NgramConfig(max_paths=4))
+    raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
+
+
+def _params(args: argparse.Namespace):
+    from coralline.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop or ()),
+    )
+
+
+def _engine(model: str, drafter: str, verifier: str | None):
+    from coralline.engine import Engine, EngineConfig
+    from coralline.target import TargetConfig, TargetRunner
+
+    config = EngineConfig(verifier=verifier)  # validates the names before the model loads
+    d = make_drafter(drafter)
+    return Engine(TargetRunner.load(TargetConfig(model=model)), d, config)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    engine = _engine(args.model, args.drafter, args.verifier)
+    ids = engine.target.encode(args.prompt, chat=not args.no_chat)
+    token_ids, text, summary = [], [], None
+    draft_ms = verify_ms = 0.0
+    for chunk in engine.generate(ids, params):
+        token_ids.extend(chunk.token_ids)
+        text.append(chunk.text)
+        if not args.json:
+            print(chunk.text, end="", flush=True)
+        summary = chunk.summary or summary
+    assert summary is not None  # the engine always ends with a summary chunk
+    draft_ms, verify_ms = summary.draft_ms, summary.verify_ms
+    stats = {
+        "rounds": summary.rounds,
+        "tokens": summary.tokens,
+        "acceptance_length": round(summary.acceptance_length, 4),
+        "tokens_per_second": round(summary.tokens_per_second, 3),
+        "draft_ms": round(draft_ms, 1),
+        "verify_ms": round(verify_ms, 1),
+        "prefill_ms": round(summary.prefill_ms, 1),
+        "finish_reason": summary.finish_reason,
+        "verifier": summary.verifier,
+        "drafter": summary.drafter,
+    }
+    if args.json:
+        print(json.dumps({"text": "".join(text), "token_ids": token_ids, "stats": stats}))
+    else:
+        print()
+        print(" ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from coralline.eval import demo
+
+    demo.run(args.prompt, args.max_new_tokens, args.drafter)
+    return 0
+
+
+def _cmd_exact(args: argparse.Namespace) -> int:
     from coralline.eval import toy
 
     toy.run()
@@ -21,8 +100,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from coralline.eval import verifier_bench
 
         verifier_bench.main(args.out)
-        return 0
-    raise ValueError(f"unknown benchmark {args.what!r}")
+    elif args.what == "engine":
+        from coralline.eval import engine_bench
+
+        engine_bench.main(args.out, quick=args.quick)
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from coralline import models
+
+    print(models.resolve(args.name))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +119,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coralline", description="Distributed, lossless speculative decoding."
     )
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="exact expected acceptance of every verifier on toy models")
+
+    g = sub.add_parser("generate", help="generate text with speculative decoding")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or HF folder")
+    g.add_argument("--drafter", default="ngram", help=f"one of {', '.join(DRAFTERS)}")
+    g.add_argument("--verifier", default=None, help="default: the lossless choice for the drafter")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    g.set_defaults(fn=_cmd_generate)
+
+    d = sub.add_parser("demo", help="speculation vs plain decoding on SmolLM2, same run")
+    d.add_argument("--prompt", default=None)
+    d.add_argument("--max-new-tokens", type=int, default=96)
+    d.add_argument("--drafter", default="ngram")
     d.set_defaults(fn=_cmd_demo)
+
+    e = sub.add_parser("exact", help="exact expected acceptance of every verifier (toy models)")
+    e.set_defaults(fn=_cmd_exact)
+
     b = sub.add_parser("bench", help="benchmarks (JSON + a printed table)")
-    b.add_argument("what", choices=["verifiers"], help="which benchmark")
+    b.add_argument("what", choices=["verifiers", "engine"], help="which benchmark")
     b.add_argument("--out", default=None, help="write the JSON report here")
+    b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (CI)")
     b.set_defaults(fn=_cmd_bench)
+
+    m = sub.add_parser("model", help="model utilities")
+    m.add_argument("action", choices=["prepare"], help="convert/cache a built-in model")
+    m.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    m.set_defaults(fn=_cmd_model)
     return p
 
 
@@ -46,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"coralline: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -196,6 +196,8 @@ class Engine:
             new_ids = new
             if finish is None and target.num_cached + 1 >= target.max_context:
                 finish = "context"
+            if finish is not None:  # the cache keeps exactly the committed tokens but the last
+                target.truncate(len(context) - 1)
             stats = RoundStats(
                 rounds, tree.num_nodes, result.num_accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3
             )

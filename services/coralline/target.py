@@ -175,6 +175,15 @@ class TargetRunner:
             self.cache.crop(-drop)
         self.num_cached = p + len(acc)
 
+    def truncate(self, num_cached: int) -> None:
+        """Forget committed tokens beyond the first `num_cached` (the engine cut a round short)."""
+        if not 0 <= num_cached <= self.num_cached:
+            raise ValueError(f"cannot truncate {self.num_cached} cached tokens to {num_cached}")
+        self.rollback()
+        if num_cached < self.num_cached:
+            self.cache.crop(num_cached - self.num_cached)
+            self.num_cached = num_cached
+
     def rollback(self) -> None:
         """Drop every node fed since the last commit (a drafter's scratch tree)."""
         fed = self.cache.get_seq_length() - self.num_cached

@@ -56,8 +56,9 @@ format: install ## Apply ruff fixes and formatting
 demo: install ## Exact expected acceptance of every verifier on toy models, side by side
 	$(PY) -m coralline.cli demo
 
-bench: install ## Verifier cost on a 64-node tree with V = 49152 (JSON in $(BENCH_OUT))
+bench: install model ## Verifier cost (64 nodes, V = 49152) and engine vs HF on SmolLM2 (JSON in $(BENCH_OUT))
 	$(PY) -m coralline.cli bench verifiers --out $(BENCH_OUT)/verifiers.json
+	$(PY) -m coralline.cli bench engine --out $(BENCH_OUT)/engine.json
 
 clean: ## Remove the venv, caches and generated code
 	rm -rf $(VENV) .pytest_cache .ruff_cache services/coralline/_proto services/*.egg-info

@@ -107,6 +107,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_draft(args: argparse.Namespace) -> int:
+    import torch
+
+    from coralline import models
+    from coralline.train.features import DumpConfig, dump
+    from coralline.train.trainer import TrainConfig, train
+
+    torch.set_num_threads(args.threads)
+    features = args.features or str(
+        models.cache_dir() / "features" / f"{args.model}-sharegpt-{args.max_tokens}"
+    )
+    tcfg = TrainConfig(  # validated before the long feature dump starts
+        features=features,
+        out=args.out,
+        model=args.model,
+        steps=1 if args.no_hass else args.steps,
+        csra=not args.no_csra,
+        csra_weight=args.csra_weight,
+        csra_temperature=args.csra_temperature,
+        epochs=args.epochs,
+        distill_epochs=0 if args.no_distill else args.distill_epochs,
+        router=not args.no_router,
+        seed=args.seed,
+        max_conversations=args.max_conversations,
+    )
+    from pathlib import Path
+
+    if not (Path(features) / "DONE").exists():
+        dump(DumpConfig(out_dir=features, model=args.model, max_total_tokens=args.max_tokens))
+    out = train(tcfg)
+    print(f"checkpoint: {out}")
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from coralline import models
 
@@ -149,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="write the JSON report here")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (CI)")
     b.set_defaults(fn=_cmd_bench)
+
+    t = sub.add_parser(
+        "train-draft",
+        help="train a CORAL head on ShareGPT (dump features, train, router), resumable",
+    )
+    t.add_argument("--out", required=True, help="checkpoint folder (resumes when it exists)")
+    t.add_argument("--model", default="smollm2-135m-instruct")
+    t.add_argument("--features", default=None, help="feature dump folder (default: cache)")
+    t.add_argument("--max-tokens", type=int, default=300_000, help="tokens of training data")
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--distill-epochs", type=int, default=1)
+    t.add_argument("--steps", type=int, default=3, help="HASS multi-step depth")
+    t.add_argument("--no-hass", action="store_true", help="plain EAGLE training (1 step)")
+    t.add_argument("--no-csra", action="store_true")
+    t.add_argument("--csra-weight", type=float, default=0.2)
+    t.add_argument("--csra-temperature", type=float, default=0.1)
+    t.add_argument("--no-distill", action="store_true", help="skip the top-K distillation phase")
+    t.add_argument("--no-router", action="store_true", help="skip the router stage")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-conversations", type=int, default=0, help="0 = all (for quick runs)")
+    t.add_argument("--threads", type=int, default=1)
+    t.set_defaults(fn=_cmd_train_draft)
 
     m = sub.add_parser("model", help="model utilities")
     m.add_argument("action", choices=["prepare"], help="convert/cache a built-in model")

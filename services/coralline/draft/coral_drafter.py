@@ -1,0 +1,286 @@
+"""The CORAL drafter: a trained CoralHead turned into token trees.
+
+State: the head's KV cache over the committed context (inputs: target features of committed
+tokens and the next token's embedding, see draft/coral.py). Each round:
+  sync    the tokens committed since the last round and their target features go through the
+          head once (causal); its output at the last position predicts the root's children
+  expand  layer by layer, a batch of frontier nodes goes through the head with a tree mask
+          (cached prefix + own ancestors); node input = (its token, its parent's head output)
+  shape   T = 0: EAGLE-2 dynamic tree (expand the top_k best candidates per layer, keep the
+          budget best by cumulative draft log-probability: deterministic, verified greedily or
+          by EAGLE's verifier at T > 0 when asked)
+          T > 0: a template fixed BEFORE drawing (draft/trees.py), children drawn without
+          replacement from each node's warped draft row truncated to draft_top_k tokens, sent as
+          SparseRows: Traversal Verification / RRSw verify it losslessly
+  budget  the tree size maximising expected tokens per second under the measured cost table
+          and the running acceptance statistics (draft/trees.py)
+  rollback the draft nodes leave the head's cache
+The LM head is the full target head, or the grouped head (router + active groups) when
+`grouped` is set: the draft distribution then has the selected groups' rows as support.
+
+Knows nothing about verification beyond the statistics it is told in `observe`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from coralline.draft.base import DraftProposal
+from coralline.draft.coral import CoralHead
+from coralline.draft.trees import (
+    AcceptanceStats,
+    CostModel,
+    choose_budget,
+    select_dynamic,
+    template,
+    template_values,
+)
+from coralline.rows import SparseRows
+from coralline.sampling import SamplingParams, sample_without_replacement, warp
+from coralline.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class CoralDrafterConfig:
+    depth: int = 6  # EAGLE-2's default
+    top_k: int = 10  # EAGLE-2's default: children per expanded node and nodes expanded per layer
+    max_nodes: int = 60  # EAGLE-2's default total (root included)
+    budget: str = "auto"  # "auto" = the cost-model chooser; "max" = always max_nodes
+    grouped: bool = False  # use the router + grouped LM head
+    draft_top_k: int = 32  # support of sampled draft rows (SparseRows K)
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.top_k < 1 or self.max_nodes < 1:
+            raise ValueError("depth, top_k and max_nodes must be >= 1")
+        if self.budget not in ("auto", "max"):
+            raise ValueError("budget must be 'auto' or 'max'")
+
+
+class CoralDrafter:
+    tree_kind = "sampled_swor"
+    chain_only = False
+
+    def __init__(
+        self,
+        head: CoralHead,
+        config: CoralDrafterConfig | None = None,
+        cost: CostModel | None = None,
+    ) -> None:
+        self.head = head.eval()
+        self.config = config or CoralDrafterConfig()
+        self.cost = cost or CostModel()
+        self.name = "coral-grouped" if self.config.grouped else "coral"
+        self.stats = AcceptanceStats()
+        self.reset()
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.head.config.llama_config())
+        self.num_cached = 0
+        self.last_out: torch.Tensor | None = None  # [d] head output at the last position
+        self._last: tuple[TokenTree, float | None] | None = None
+        self.lm_head_ms = 0.0  # time spent in LM-head matmuls (for the grouped-head figure)
+
+    # ------------------------------------------------------------------ head calls
+    def _dist(self, feats: torch.Tensor, params: SamplingParams):
+        """Warped draft distributions for feats [n, d]: (token ids [n, S] or None for the full
+        vocabulary, probs [n, S])."""
+        t0 = time.perf_counter()
+        if self.config.grouped:
+            ids, logits = self.head.grouped_logits(feats)
+        else:
+            ids, logits = None, self.head.full_logits(feats)
+        self.lm_head_ms += (time.perf_counter() - t0) * 1e3
+        temperature = params.temperature if params.temperature > 0 else 1.0
+        probs = warp(logits, temperature, params.top_k, params.top_p)
+        return ids, probs
+
+    def _run(self, tokens, feats, positions, mask) -> torch.Tensor:  # [n, d]
+        return self.head(tokens[None], feats[None], positions[None], mask, self.cache)[0]
+
+    @torch.inference_mode()
+    def _sync(self, new_ids: list[int], new_features: torch.Tensor | None) -> None:
+        if new_features is None or new_features.shape[0] == 0:
+            if self.last_out is None:
+                raise ValueError("the CORAL drafter needs the target features of the prompt")
+            return
+        m = new_features.shape[0]
+        tokens = torch.tensor(new_ids[-m:], dtype=torch.int64)  # x_{t+1} for each new position
+        positions = torch.arange(self.num_cached, self.num_cached + m)
+        mask = None
+        if m > 1:
+            full = torch.full((m, self.num_cached + m), torch.finfo(torch.float32).min)
+            full[:, : self.num_cached] = 0
+            full[:, self.num_cached :].triu_(1)
+            mask = full[None, None]
+        out = self._run(tokens, new_features.float(), positions, mask)
+        self.num_cached += m
+        self.last_out = out[-1]
+
+    def _observe(self, new_ids: list[int]) -> None:
+        """Learn from the last round: the committed tokens spell the accepted path of the last
+        proposal (accepted drafts, then the bonus), so no extra message is needed."""
+        if self._last is None:
+            return
+        tree, predicted = self._last
+        path, node = [0], 0
+        for tok in new_ids[:-1]:
+            nxt = next((c for c in tree.children[node] if tree.token_list[c] == tok), None)
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        self.stats.update(tree.children, path, predicted)
+        self._last = None
+
+    # ------------------------------------------------------------------ proposals
+    @torch.inference_mode()
+    def propose(
+        self,
+        new_ids: list[int],
+        new_features: torch.Tensor | None,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> DraftProposal:
+        self._observe(new_ids)
+        self._sync(new_ids, new_features)
+        root = int(new_ids[-1])
+        try:
+            if params.greedy:
+                return self._dynamic(root, params)
+            return self._sampled(root, params, generator)
+        finally:
+            self.cache.crop(self.num_cached - self.cache.get_seq_length())  # rollback
+
+    def _forward_nodes(self, nodes, tokens, parents, outs, depth_of) -> torch.Tensor:
+        """Run draft nodes (all of one depth) through the head with a tree mask."""
+        tok = torch.tensor([tokens[i] for i in nodes], dtype=torch.int64)
+        feats = torch.stack([outs[parents[i]] for i in nodes])
+        pos = torch.tensor([self.num_cached + depth_of[i] - 1 for i in nodes])
+        past = self.cache.get_seq_length()
+        forwarded = self._forwarded  # draft nodes already in the cache, in cache order
+        mask = torch.full((len(nodes), past + len(nodes)), torch.finfo(torch.float32).min)
+        mask[:, : self.num_cached] = 0
+        where = {n: self.num_cached + k for k, n in enumerate(forwarded)}
+        for r, i in enumerate(nodes):
+            a = parents[i]
+            while a > 0:
+                mask[r, where[a]] = 0
+                a = parents[a]
+            mask[r, past + r] = 0
+        out = self._run(tok, feats, pos, mask[None, None])
+        forwarded.extend(nodes)
+        return out
+
+    def _dynamic(self, root: int, params: SamplingParams) -> DraftProposal:
+        """EAGLE-2 dynamic tree; node 0 = root; candidates carry cumulative log-probs."""
+        cfg = self.config
+        tokens, parents, scores, depth_of = [root], [-1], [0.0], [0]
+        outs = {0: self.last_out}
+        self._forwarded: list[int] = []
+        frontier = [0]
+        for depth in range(1, cfg.depth + 1):
+            if depth > 1:
+                out = self._forward_nodes(frontier, tokens, parents, outs, depth_of)
+                for k, n in enumerate(frontier):
+                    outs[n] = out[k]
+            feats = torch.stack([outs[n] for n in frontier])
+            ids, probs = self._dist(feats, params)
+            top = torch.topk(probs, min(cfg.top_k, probs.shape[1]), dim=1)
+            layer = []
+            for f, n in enumerate(frontier):
+                for v, j in zip(top.values[f].tolist(), top.indices[f].tolist(), strict=True):
+                    if v <= 0:
+                        continue
+                    tok = int(ids[f, j]) if ids is not None else int(j)
+                    tokens.append(tok)
+                    parents.append(n)
+                    scores.append(scores[n] + math.log(v))
+                    depth_of.append(depth)
+                    layer.append(len(tokens) - 1)
+            layer.sort(key=lambda i: -scores[i])
+            frontier = layer[: cfg.top_k]
+            if not frontier:
+                break
+        cand = list(range(1, len(tokens)))
+        values = sorted((math.exp(scores[i]) for i in cand), reverse=True)
+        budget = (
+            cfg.max_nodes
+            if cfg.budget == "max"
+            else choose_budget(values, self.cost, self.stats.calibration, max_nodes=cfg.max_nodes)
+        )
+        cand_parents = [parents[i] - 1 if parents[i] > 0 else -1 for i in cand]
+        keep = select_dynamic(cand_parents, [scores[i] for i in cand], budget)
+        index = {0: 0}
+        t_tokens, t_parents = [root], [-1]
+        for c in keep:
+            node = cand[c]
+            index[node] = len(t_tokens)
+            t_tokens.append(tokens[node])
+            t_parents.append(index[parents[node]])
+        tree = TokenTree.from_parents(t_tokens, t_parents)
+        predicted = sum(math.exp(scores[cand[c]]) for c in keep)
+        self._last = (tree, predicted)
+        return DraftProposal(tree, None)
+
+    def _sampled(self, root: int, params: SamplingParams, gen: torch.Generator) -> DraftProposal:
+        """A template fixed before drawing; SWOR children from truncated warped draft rows."""
+        cfg = self.config
+        full = template_values(self.stats.alpha, cfg.max_nodes, cfg.depth)
+        budget = (
+            cfg.max_nodes
+            if cfg.budget == "max"
+            else choose_budget(sorted(full, reverse=True), self.cost, 1.0, max_nodes=cfg.max_nodes)
+        )
+        shape = template(self.stats.alpha, budget, cfg.depth)  # parents of template nodes
+        kids: list[list[int]] = [[] for _ in shape]
+        for i, p in enumerate(shape[1:], start=1):
+            kids[p].append(i)
+        vocab = self.head.config.vocab_size
+        k_rows = min(cfg.draft_top_k, vocab)
+        tokens, parents, depth_of = [root], [-1], [0]
+        outs = {0: self.last_out}
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._forwarded = []
+        frontier = [(0, 0)]  # (template node, tree node) of nodes whose children are drawn
+        while frontier:
+            need = [(t, n) for t, n in frontier if kids[t]]
+            if not need:
+                break
+            fwd = [n for _, n in need if n not in outs]
+            if fwd:
+                out = self._forward_nodes(fwd, tokens, parents, outs, depth_of)
+                for k, n in enumerate(fwd):
+                    outs[n] = out[k]
+            ids, probs = self._dist(torch.stack([outs[n] for _, n in need]), params)
+            top = torch.topk(probs, min(k_rows, probs.shape[1]), dim=1)
+            nxt = []
+            for f, (t, n) in enumerate(need):
+                vals = top.values[f] / top.values[f].sum()
+                toks = ids[f][top.indices[f]] if ids is not None else top.indices[f]
+                rows[n] = (toks, vals)
+                # Gumbel-top-k on the K-token row: the same law as on the full row
+                drawn = toks[sample_without_replacement(vals, len(kids[t]), gen)].tolist()
+                for tk, tok in zip(kids[t], drawn, strict=False):
+                    tokens.append(int(tok))
+                    parents.append(n)
+                    depth_of.append(depth_of[n] + 1)
+                    nxt.append((tk, len(tokens) - 1))
+            frontier = nxt
+        tree = TokenTree.from_parents(tokens, parents)
+        idx = torch.zeros(tree.num_nodes, k_rows, dtype=torch.int64)
+        val = torch.zeros(tree.num_nodes, k_rows)
+        for n in range(tree.num_nodes):
+            if n in rows:
+                idx[n, : rows[n][0].numel()] = rows[n][0]
+                val[n, : rows[n][1].numel()] = rows[n][1]
+            else:  # a leaf: a valid row nobody draws from (never read by the verifiers)
+                idx[n] = torch.arange(k_rows)
+                val[n] = 1.0 / k_rows
+        self._last = (tree, None)
+        return DraftProposal(tree, SparseRows(idx, val, vocab))

@@ -1,0 +1,342 @@
+"""Training the CORAL head on dumped target features. Every ingredient can be switched off.
+
+Per conversation (positions t = 0..T-2; x = token ids, f = target features, p_t = softmax of
+the target's logits lm_head(f_t)):
+  step 1 (EAGLE)   input (E[x_{t+1}], f_t) -> g1_t ~ f_{t+1}
+  step j <= steps  (HASS multi-step) input (E[x_{t+1}], g{j-1}_{t-1}.detach()): the head's own
+                   feature of the previous position, as at draft depth j. Its query at t attends
+                   to step-1 keys at positions <= t-j+1 (target-feature context) and to the
+                   step-i key at position t-j+i for i = 2..j (its own draft path) — exactly
+                   the attention pattern of a depth-j draft node at inference.
+  loss per step    SmoothL1(g_t, f_{t+1}) + ce_weight * CE(p_{t+1}, softmax(lm_head(g_t)))
+                   on positions whose predicted token x_{t+2} is an assistant token
+  CSRA             (our reconstruction) InfoNCE between the L2-normalised outputs of two steps
+                   at the same positions (positives) vs other positions of the sequence
+                   (negatives), temperature csra_temperature, for every pair of steps, weight
+                   csra_weight
+  top-K distill    (HASS's second phase, distill_epochs) + topk_weight *
+                   -sum_{k in topK(p)} p(k) log q(k)
+  router stage     head frozen; the router learns each group's probability mass under the full
+                   LM head (soft cross-entropy), on the outputs of every step
+Init: the head's decoder layer starts from the target's LAST decoder layer and its output norm
+from the target's final norm (our choice: faster convergence than a random layer).
+Seeded; resumable (train_state.pt every `checkpoint_every` optimizer steps); tqdm progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from coralline.draft.coral import CoralHead, config_for_target
+from coralline.train.features import load_shards
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    features: str  # folder written by features.dump
+    out: str  # checkpoint folder
+    model: str = "smollm2-135m-instruct"
+    steps: int = 3  # HASS steps; 1 = plain EAGLE training
+    csra: bool = True
+    csra_weight: float = 0.2  # inside the 0.1-1 range the reconstruction suggests
+    csra_temperature: float = 0.1  # inside 0.05-0.2
+    csra_positions: int = 256  # positions sampled per sequence for InfoNCE (bounds the cost)
+    ce_weight: float = 0.1  # EAGLE's weight on the token cross-entropy
+    epochs: int = 2
+    distill_epochs: int = 1  # phase 2 with the top-K term; 0 = off
+    topk: int = 10
+    topk_weight: float = 1.0
+    router: bool = True
+    router_epochs: int = 1
+    lr: float = 5e-4  # small head, few tokens: larger than EAGLE's 3e-5 for 7B targets
+    router_lr: float = 1e-3
+    warmup: int = 50
+    accumulate: int = 4  # conversations per optimizer step (~1.2k tokens)
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_conversations: int = 0  # 0 = all in the dump
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.csra and self.steps < 2:
+            raise ValueError("CSRA aligns different steps: it needs steps >= 2 (or --no-csra)")
+
+
+def step_mask(length: int, j: int, dtype=torch.float32) -> torch.Tensor:  # [L, j * L]
+    """Additive mask of step j's queries over the keys of steps 1..j (see the module doc)."""
+    t = torch.arange(length)
+    allow = [t[None, :] <= (t[:, None] - j + 1)]  # step-1 keys: target-feature context
+    for i in range(2, j + 1):
+        allow.append(t[None, :] == (t[:, None] - j + i))  # step-i key on the draft path
+    ok = torch.cat(allow, dim=1)
+    ok[: j - 1] = False  # positions without a full draft path get no context: masked out below
+    ok[torch.arange(min(j - 1, length)), (j - 1) * length + torch.arange(min(j - 1, length))] = True
+    return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)
+
+
+def _losses(head: CoralHead, conv: dict, cfg: TrainConfig, distill: bool, gen: torch.Generator):
+    from transformers import DynamicCache
+
+    ids, mask = conv["input_ids"], conv["loss_mask"]
+    f = conv["features"].float()  # [T, d]
+    n = ids.numel() - 1  # positions t = 0..T-2
+    if n < 3:
+        return None
+    tokens = ids[1:][None]  # [1, n] x_{t+1}
+    pos = torch.arange(n)[None]
+    valid = torch.zeros(n, dtype=torch.bool)
+    valid[: n - 1] = mask[2:]  # the predicted token x_{t+2} is an assistant token
+    cache = DynamicCache(config=head.config.llama_config())
+    with torch.no_grad():
+        idx_all = valid.nonzero()[:, 0]
+        p_target = torch.softmax(head.full_logits(f[1:][idx_all]), dim=-1)  # [m, V]
+    total, parts, outs = 0.0, {}, []
+    prev = f[:-1]
+    for j in range(1, cfg.steps + 1):
+        # step 1: target features; step j: the head's own g{j-1}_{t-1} (detached)
+        feats = f[:-1] if j == 1 else torch.cat([f[:1], prev[:-1].detach()], dim=0)
+        m = step_mask(n, j)[None, None]
+        g = head(tokens, feats[None], pos, m, cache)[0]  # [n, d]
+        ok = valid.clone()
+        ok[: j - 1] = False
+        sel = ok[idx_all]  # rows of p_target for this step's valid positions
+        idx = idx_all[sel]
+        if idx.numel() == 0:
+            return None
+        gv = g[idx]
+        reg = F.smooth_l1_loss(gv, f[1:][idx])
+        logq = torch.log_softmax(head.full_logits(gv), dim=-1)
+        pt = p_target[sel]
+        ce = -(pt * logq).sum(-1).mean()
+        loss = reg + cfg.ce_weight * ce
+        if distill:
+            top = pt.topk(cfg.topk, dim=-1)
+            loss = (
+                loss + cfg.topk_weight * -(top.values * logq.gather(1, top.indices)).sum(-1).mean()
+            )
+        parts[f"reg{j}"] = float(reg.detach())
+        parts[f"ce{j}"] = float(ce.detach())
+        total = total + loss
+        outs.append((g, ok))
+        prev = g
+    if cfg.csra and len(outs) > 1:
+        common = outs[-1][1]  # positions valid in every step
+        idx = common.nonzero()[:, 0]
+        if idx.numel() > cfg.csra_positions:
+            idx = idx[torch.randperm(idx.numel(), generator=gen)[: cfg.csra_positions]]
+        if idx.numel() > 1:
+            csra = csra_loss([g[idx] for g, _ in outs], cfg.csra_temperature)
+            parts["csra"] = float(csra.detach())
+            total = total + cfg.csra_weight * csra
+    parts["loss"] = float(total.detach())
+    return total, parts, [(g.detach(), ok) for g, ok in outs]
+
+
+def csra_loss(steps: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Cross-Step Representation Alignment (our reconstruction): symmetric InfoNCE between the
+    L2-normalised outputs of every pair of steps; row i of each [m, d] tensor is the same
+    position (the positive), the other rows are negatives."""
+    z = [F.normalize(s, dim=-1) for s in steps]
+    labels = torch.arange(z[0].shape[0])
+    pairs = [(a, b) for a in range(len(z)) for b in range(a + 1, len(z))]
+    loss = z[0].new_zeros(())
+    for a, b in pairs:
+        logits = z[a] @ z[b].T / temperature
+        loss = loss + 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return loss / len(pairs)
+
+
+@torch.no_grad()
+def evaluate_loss(head: CoralHead, convs: list[dict], cfg: TrainConfig) -> dict[str, float]:
+    """Mean loss terms over conversations (no top-K term, no gradient)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sums: dict[str, float] = {}
+    n = 0
+    was_training = head.training
+    head.eval()
+    for conv in convs:
+        res = _losses(head, conv, cfg, False, gen)
+        if res is None:
+            continue
+        n += 1
+        for k, v in res[1].items():
+            sums[k] = sums.get(k, 0.0) + v
+    head.train(was_training)
+    return {k: v / max(1, n) for k, v in sums.items()}
+
+
+def _data_hash(convs: list[dict]) -> str:
+    h = hashlib.sha256()
+    for c in convs:
+        h.update(c["input_ids"].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    from coralline import models
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target, _ = models.load(cfg.model)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    convs = load_shards(cfg.features)
+    if cfg.max_conversations:
+        convs = convs[: cfg.max_conversations]
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("features", "out")}
+    head = CoralHead(
+        config_for_target(target, cfg.model, recipe=recipe, data_hash=_data_hash(convs))
+    ).attach(target)
+    last = target.model.layers[-1]
+    head.layer.self_attn.load_state_dict(last.self_attn.state_dict())
+    head.layer.mlp.load_state_dict(last.mlp.state_dict())
+    head.layer.post_attention_layernorm.load_state_dict(last.post_attention_layernorm.state_dict())
+    head.norm.load_state_dict(target.model.norm.state_dict())
+    head.init_groups(seed=cfg.seed)
+    history = fit(head, convs, cfg, out / "train_state.pt", log)
+    if cfg.router:
+        train_router(head, convs, cfg, log)
+    head.save(out)
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    return out
+
+
+def fit(
+    head: CoralHead, convs: list[dict], cfg: TrainConfig, state_path: Path | None, log=print
+) -> list[dict]:
+    """Phase 1 (+ phase 2 top-K) training of the head on conversations; resumable."""
+    params = [p for n, p in head.named_parameters() if not n.startswith("router.")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    epochs = cfg.epochs + cfg.distill_epochs
+    total_steps = math.ceil(len(convs) / cfg.accumulate) * epochs
+
+    def lr_at(step):
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    step, start_epoch, start_conv, history = 0, 0, 0, []
+    if state_path is not None and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        if st["config"] != asdict(cfg):
+            raise ValueError(f"{state_path} belongs to another training config; use another --out")
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["opt"])
+        step, start_epoch, start_conv, history = st["step"], st["epoch"], st["conv"], st["history"]
+        log(f"resuming at epoch {start_epoch}, conversation {start_conv}, step {step}")
+
+    def save_state(epoch, conv_i):
+        if state_path is None:
+            return
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "config": asdict(cfg),
+                "head": head.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "conv": conv_i,
+                "history": history,
+            },
+            tmp,
+        )
+        tmp.replace(state_path)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head.train()
+    for epoch in range(start_epoch, epochs):
+        distill = epoch >= cfg.epochs
+        order = list(range(len(convs)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        bar = tqdm(
+            total=len(order),
+            initial=start_conv if epoch == start_epoch else 0,
+            desc=f"epoch {epoch + 1}/{epochs}" + (" (top-K)" if distill else ""),
+            file=sys.stderr,
+            unit="conv",
+        )
+        first = start_conv if epoch == start_epoch else 0
+        run, t0 = {}, time.time()
+        for k in range(first, len(order)):
+            res = _losses(head, convs[order[k]], cfg, distill, gen)
+            if res is not None:
+                (res[0] / cfg.accumulate).backward()
+                for key, v in res[1].items():
+                    run[key] = 0.98 * run.get(key, v) + 0.02 * v
+            bar.update(1)
+            if (k + 1) % cfg.accumulate == 0 or k + 1 == len(order):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.set_postfix(
+                    {
+                        k2: f"{v:.3f}"
+                        for k2, v in run.items()
+                        if k2 in ("loss", "ce1", f"ce{cfg.steps}", "csra")
+                    }
+                )
+                if step % cfg.checkpoint_every == 0:
+                    history.append(
+                        {"step": step, "epoch": epoch, **run, "seconds": time.time() - t0}
+                    )
+                    save_state(epoch, k + 1)
+        bar.close()
+        save_state(epoch + 1, 0)
+        log(f"epoch {epoch + 1} done: " + ", ".join(f"{k}={v:.4f}" for k, v in run.items()))
+    head.eval()
+    return history
+
+
+def train_router(head: CoralHead, convs: list[dict], cfg: TrainConfig, log=print) -> None:
+    """Stage 2: the router learns each group's mass under the full LM head (head frozen)."""
+    for p in head.parameters():
+        p.requires_grad_(False)
+    for p in head.router.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(head.router.parameters(), lr=cfg.router_lr)
+    groups = torch.empty(head.config.vocab_size, dtype=torch.int64)
+    groups[head.group_tokens.flatten()] = torch.arange(head.config.num_groups).repeat_interleave(
+        head.config.group_size
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.router_epochs):
+        bar = tqdm(
+            convs, desc=f"router {epoch + 1}/{cfg.router_epochs}", file=sys.stderr, unit="conv"
+        )
+        run = None
+        for conv in bar:
+            with torch.no_grad():
+                res = _losses(head, conv, cfg, False, gen)
+            if res is None:
+                continue
+            feats = torch.cat([g[ok] for g, ok in res[2]])  # every step's valid outputs
+            with torch.no_grad():
+                q = torch.softmax(head.full_logits(feats), dim=-1)  # [n, V]
+                mass = torch.zeros(q.shape[0], head.config.num_groups).index_add_(1, groups, q)
+            loss = -(mass * torch.log_softmax(head.router_logits(feats), -1)).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run = float(loss) if run is None else 0.98 * run + 0.02 * float(loss)
+            bar.set_postfix(loss=f"{run:.3f}")
+        log(f"router epoch {epoch + 1}: soft CE {run:.4f}")

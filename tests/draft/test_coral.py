@@ -1,0 +1,123 @@
+"""CORAL head, grouped head, checkpoints, training, CSRA, and the drafter on tiny models."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from coralline.draft.coral import CoralHead, config_for_target
+from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
+from coralline.engine import Engine, generate_ids
+from coralline.sampling import SamplingParams
+from coralline.target import TargetRunner
+from coralline.train.trainer import TrainConfig, csra_loss, evaluate_loss, fit
+
+from ..tiny import tiny_llama
+
+
+def _head(vocab=16, seed=0, **kw):
+    target = tiny_llama(vocab, seed=seed, scale=3.0)
+    head = CoralHead(config_for_target(target, "tiny", num_groups=4, active_groups=2, **kw))
+    head.attach(target).init_groups()
+    return target, head
+
+
+def test_head_shapes_and_cache_equals_full_forward():
+    target, head = _head()
+    d, t = head.config.hidden_size, 7
+    ids = torch.randint(0, 16, (1, t))
+    feats = torch.randn(1, t, d)
+    pos = torch.arange(t)[None]
+    causal = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
+    full = head(ids, feats, pos, causal)
+    assert full.shape == (1, t, d)
+    assert head.full_logits(full[0]).shape == (t, 16)
+    cache = DynamicCache(config=head.config.llama_config())
+    first = head(ids[:, :4], feats[:, :4], pos[:, :4], causal[..., :4, :4], cache)
+    rest = head(ids[:, 4:], feats[:, 4:], pos[:, 4:], causal[..., 4:, :], cache)
+    assert cache.get_seq_length() == t
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5)
+
+
+def test_grouped_logits_are_the_full_logits_on_the_selected_groups():
+    _, head = _head()
+    feats = torch.randn(5, head.config.hidden_size)
+    ids, logits = head.grouped_logits(feats)
+    full = head.full_logits(feats)
+    r = head.config.group_size
+    assert ids.shape == logits.shape == (5, 2 * r)
+    assert torch.allclose(logits, full.gather(1, ids), atol=1e-5)
+    top = head.router_logits(feats).topk(2, dim=-1).indices
+    for n in range(5):
+        assert set(ids[n].tolist()) == set(head.group_tokens[top[n]].flatten().tolist())
+    groups = head.group_tokens.flatten()
+    assert sorted(groups.tolist()) == list(range(16))  # a partition of the vocabulary
+
+
+def test_checkpoint_round_trip_and_wrong_target(tmp_path):
+    target, head = _head()
+    head.save(tmp_path / "ckpt")
+    loaded = CoralHead.load(tmp_path / "ckpt").attach(target)
+    assert loaded.config == head.config
+    assert torch.equal(loaded.group_tokens, head.group_tokens)
+    for (k, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2), k  # fp16 on disk
+    other = tiny_llama(16, seed=99)
+    with pytest.raises(ValueError, match="trained for target 'tiny'"):
+        CoralHead.load(tmp_path / "ckpt").attach(other)
+    with pytest.raises(ValueError, match="not a CORAL checkpoint"):
+        CoralHead.load(tmp_path)
+
+
+def test_csra_scores_aligned_pairs_higher():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 32, generator=g)
+    aligned = csra_loss([a, a + 0.05 * torch.randn(64, 32, generator=g)], 0.1)
+    shuffled = csra_loss([a, a[torch.randperm(64, generator=g)]], 0.1)
+    assert aligned < 0.1 < shuffled
+
+
+def _convs(target, n=6, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.randint(0, target.config.vocab_size, (length,), generator=g)
+            f = target.model(input_ids=ids[None]).last_hidden_state[0]
+            mask = torch.ones(length, dtype=torch.bool)
+            out.append({"input_ids": ids, "loss_mask": mask, "features": f.half()})
+    return out
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_short_training_lowers_the_loss(steps):
+    target, head = _head(seed=3)
+    convs = _convs(target)
+    cfg = TrainConfig(
+        features="",
+        out="",
+        steps=steps,
+        csra=steps > 1,
+        epochs=6,
+        distill_epochs=1,
+        accumulate=2,
+        warmup=2,
+        lr=3e-3,
+        checkpoint_every=1,
+    )
+    before = evaluate_loss(head, convs, cfg)
+    fit(head, convs, cfg, None, log=lambda *_: None)
+    after = evaluate_loss(head, convs, cfg)
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert after[f"ce{steps}"] < before[f"ce{steps}"]
+
+
+def test_greedy_coral_equals_target_greedy_on_a_tiny_model():
+    target, head = _head(seed=5)
+    runner = TargetRunner(target, None)
+    ids = [1, 3, 5, 7]
+    ref = target.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, 4:].tolist()
+    for grouped in (False, True):
+        drafter = CoralDrafter(
+            head, CoralDrafterConfig(depth=3, top_k=3, max_nodes=10, grouped=grouped)
+        )
+        assert generate_ids(Engine(runner, drafter), ids, SamplingParams(max_new_tokens=20)) == ref

@@ -22,7 +22,7 @@ def _head(vocab=16, seed=0, **kw):
 
 
 def test_head_shapes_and_cache_equals_full_forward():
-    target, head = _head()
+    _target, head = _head()
     d, t = head.config.hidden_size, 7
     ids = torch.randint(0, 16, (1, t))
     feats = torch.randn(1, t, d)

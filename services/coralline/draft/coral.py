@@ -16,8 +16,9 @@ equal groups by spherical k-means on the L2-normalised rows (similar tokens shar
 balanced by sorting tokens by (cluster, similarity to its centroid) and cutting the order into G
 equal chunks. A router MLP d -> 256 -> G on g_t picks the top `active_groups` groups; logits are
 computed only over their rows, stored contiguously in group order (a permuted copy of the LM head,
-made once) so each selected group is one small matmul reading only its rows. The draft distribution is the softmax over the selected rows, zero elsewhere: exactly
-what the verifier receives, so verification stays lossless.
+made once) so each selected group is one small matmul reading only its rows. The draft
+distribution is the softmax over the selected rows, zero elsewhere: exactly what the verifier
+receives, so verification stays lossless.
 
 Checkpoint: `head.safetensors` (fc, layer, router weights, group order; never the shared
 embedding or LM head) + `config.json` (shapes, target identity and shape hash, groups, training

@@ -19,6 +19,7 @@ N is the size that maximises expected tokens per second on this machine.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class CostModel:
         keys = sorted(self.table)
         if n <= keys[0]:
             return self.table[keys[0]]
-        for a, b in zip(keys, keys[1:], strict=False):
+        for a, b in itertools.pairwise(keys):
             if a <= n <= b:
                 w = (n - a) / (b - a)
                 return self.table[a] * (1 - w) + self.table[b] * w

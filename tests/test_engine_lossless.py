@@ -1,7 +1,7 @@
 """Sampling is lossless end to end: a tiny random Llama target (V = 8), a perturbed copy as the
 draft model building trees WITHOUT replacement, the real engine (tree forward, warping,
 verification, KV commit, drafter sync). The law of the first 2 generated tokens must match the
-target's exact law (chi-square, alpha = 1e-3, Bonferroni across the 4 cases), at T = 1 and at
+target's exact law (chi-square, alpha = 1e-3, Bonferroni across the cases), at T = 1 and at
 T = 0.7 with top-p 0.8, for traversal and RRSw. A broken verifier fails the same test.
 """
 
@@ -13,6 +13,8 @@ import pytest
 import torch
 from scipy import stats
 
+from coralline.draft.coral import CoralHead, config_for_target
+from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
 from coralline.draft.model import ModelDrafter, ModelDrafterConfig
 from coralline.engine import Engine, EngineConfig
 from coralline.sampling import SamplingParams, warp
@@ -24,7 +26,7 @@ from .tiny import perturbed, tiny_llama
 from .verification.test_exact import BonusFromOriginalRow
 
 VOCAB, LENGTH, RUNS = 8, 2, 3000
-ALPHA = 1e-3 / 4
+ALPHA = 1e-3 / 7  # Bonferroni across the 7 positive cases of this file
 PROMPT = [1, 6, 3]
 
 
@@ -64,12 +66,25 @@ def models():
     return target, draft
 
 
-def _run(models, verifier, params, spec_override=None):
+def _drafter(kind, models):
     target_model, draft_model = models
-    target = TargetRunner(target_model, None)
-    drafter = ModelDrafter(
-        TargetRunner(draft_model, None), ModelDrafterConfig(branching=(3, 2), draft_top_k=6)
+    if kind == "draft-model":
+        return ModelDrafter(
+            TargetRunner(draft_model, None), ModelDrafterConfig(branching=(3, 2), draft_top_k=6)
+        )
+    torch.manual_seed(5)
+    cfg = config_for_target(target_model, "tiny", num_groups=4, active_groups=2)
+    head = CoralHead(cfg).attach(target_model)
+    head.init_groups()
+    config = CoralDrafterConfig(
+        depth=2, max_nodes=8, budget="max", draft_top_k=6, grouped=kind == "coral-grouped"
     )
+    return CoralDrafter(head, config)
+
+
+def _run(models, verifier, params, drafter_kind="draft-model"):
+    target = TargetRunner(models[0], None)
+    drafter = _drafter(drafter_kind, models)
     engine = Engine(target, drafter, EngineConfig(verifier=verifier))
     counts: Counter = Counter()
     accepted = 0
@@ -95,6 +110,25 @@ def test_engine_sampling_matches_the_target_law(models, verifier, params):
     assert accepted > RUNS // 4  # drafts really get accepted: speculation is exercised
     p = _chi2(counts, _exact_law(models[0], params), RUNS)
     assert p > ALPHA, f"{verifier} {params}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("drafter", "verifier", "params"),
+    [
+        ("coral", "traversal", PARAMS[0]),
+        ("coral-grouped", "traversal", PARAMS[1]),
+        ("coral", "rrsw", PARAMS[1]),
+    ],
+    ids=["coral-traversal-T1", "coral-grouped-traversal-topp", "coral-rrsw-topp"],
+)
+def test_coral_drafter_with_sampled_trees_is_lossless(models, drafter, verifier, params):
+    """The whole CORAL drafter (template trees, SWOR children, truncated and grouped draft
+    rows) + verifier + engine, against the exact target law."""
+    counts, accepted = _run(models, verifier, params, drafter)
+    assert accepted > RUNS // 10  # drafts get accepted even from an untrained head
+    p = _chi2(counts, _exact_law(models[0], params), RUNS)
+    assert p > ALPHA, f"{drafter}/{verifier}: chi-square p = {p:.2e}"
 
 
 @pytest.mark.slow

@@ -9,20 +9,7 @@ import argparse
 import json
 import sys
 
-DRAFTERS = ("ngram", "ngram-tree", "none")
-
-
-def make_drafter(name: str):
-    """A drafter by name (the drafter service will use the same names)."""
-    from coralline.draft.ngram import NgramConfig, NgramDrafter
-
-    if name == "none":
-        return None
-    if name == "ngram":
-        return NgramDrafter()
-    if name == "ngram-tree":
-        return NgramDrafter(NgramConfig(max_paths=4))
-    raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
+from coralline.draft.registry import DRAFTERS
 
 
 def _params(args: argparse.Namespace):
@@ -38,18 +25,21 @@ def _params(args: argparse.Namespace):
     )
 
 
-def _engine(model: str, drafter: str, verifier: str | None):
+def _engine(model: str, drafter: str | None, verifier: str | None, checkpoint: str | None):
+    from coralline.draft.registry import check_name, default_drafter, make_drafter
     from coralline.engine import Engine, EngineConfig
     from coralline.target import TargetConfig, TargetRunner
 
+    drafter = drafter or default_drafter(model)
+    check_name(drafter)
     config = EngineConfig(verifier=verifier)  # validates the names before the model loads
-    d = make_drafter(drafter)
-    return Engine(TargetRunner.load(TargetConfig(model=model)), d, config)
+    target = TargetRunner.load(TargetConfig(model=model))
+    return Engine(target, make_drafter(drafter, target, checkpoint), config)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     params = _params(args)
-    engine = _engine(args.model, args.drafter, args.verifier)
+    engine = _engine(args.model, args.drafter, args.verifier, args.draft_checkpoint)
     ids = engine.target.encode(args.prompt, chat=not args.no_chat)
     token_ids, text, summary = [], [], None
     draft_ms = verify_ms = 0.0
@@ -157,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with speculative decoding")
     g.add_argument("prompt")
     g.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or HF folder")
-    g.add_argument("--drafter", default="ngram", help=f"one of {', '.join(DRAFTERS)}")
+    g.add_argument(
+        "--drafter",
+        default=None,
+        help=f"one of {', '.join(DRAFTERS)} (default: coral when a head ships for the model)",
+    )
+    g.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")
     g.add_argument("--verifier", default=None, help="default: the lossless choice for the drafter")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -172,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="speculation vs plain decoding on SmolLM2, same run")
     d.add_argument("--prompt", default=None)
     d.add_argument("--max-new-tokens", type=int, default=96)
-    d.add_argument("--drafter", default="ngram")
+    d.add_argument("--drafter", default=None, help="default: coral when shipped, else ngram")
     d.set_defaults(fn=_cmd_demo)
 
     e = sub.add_parser("exact", help="exact expected acceptance of every verifier (toy models)")

@@ -21,8 +21,8 @@ DEFAULT_PROMPT = (
 )
 
 
-def run(prompt: str | None, max_new_tokens: int, drafter: str) -> None:
-    from coralline.cli import make_drafter
+def run(prompt: str | None, max_new_tokens: int, drafter: str | None) -> None:
+    from coralline.draft.registry import check_name, default_drafter, make_drafter
     from coralline.engine import Engine
     from coralline.sampling import SamplingParams
     from coralline.target import TargetRunner
@@ -30,11 +30,13 @@ def run(prompt: str | None, max_new_tokens: int, drafter: str) -> None:
     torch.set_num_threads(1)  # both runs on one thread: the comparison is like for like
     prompt = prompt or DEFAULT_PROMPT
     target = TargetRunner.load()
+    drafter = drafter or default_drafter(target.config.model)
+    check_name(drafter)
     ids = target.encode(prompt)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     print(f"prompt ({len(ids)} tokens):\n{prompt}\n", flush=True)
     results = {}
-    for label, d in (("plain", None), (f"speculative ({drafter})", make_drafter(drafter))):
+    for label, d in (("plain", None), (f"speculative ({drafter})", make_drafter(drafter, target))):
         engine = Engine(target, d)
         print(f"--- {label} ---", flush=True)
         t0 = time.perf_counter()

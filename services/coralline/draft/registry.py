@@ -1,0 +1,64 @@
+"""Drafters by name: what the CLI, the benchmarks and (later) the drafter service build.
+
+Knows which checkpoints ship with the package; knows nothing about verification.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+DRAFTERS = ("coral", "coral-full", "coral-eagle2", "ngram", "ngram-tree", "none")
+
+
+def shipped_head(model: str):
+    """The CORAL checkpoint installed with the package for a built-in target, or None."""
+    path = resources.files("coralline") / "data" / f"coral-{model}"
+    return path if (path / "config.json").is_file() else None
+
+
+def make_drafter(name: str, target=None, checkpoint: str | None = None):
+    """A drafter by name (the drafter service will use the same names).
+
+    coral          the CORAL head with the grouped LM head, tree size by the budget chooser
+    coral-full     the same with the full LM head
+    coral-eagle2   the full LM head and EAGLE-2's fixed tree (depth 6, top-k 10, 60 nodes)
+    """
+    from coralline.draft.ngram import NgramConfig, NgramDrafter
+
+    if name == "none":
+        return None
+    if name == "ngram":
+        return NgramDrafter()
+    if name == "ngram-tree":
+        return NgramDrafter(NgramConfig(max_paths=4))
+    if name in ("coral", "coral-full", "coral-eagle2"):
+        from coralline.draft.coral import CoralHead
+        from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
+
+        if target is None:
+            raise ValueError("the CORAL drafter needs the target model (its embedding and head)")
+        model = target.config.model
+        path = checkpoint or shipped_head(model)
+        if path is None:
+            raise ValueError(
+                f"no CORAL head is shipped for {model!r}: train one with `coralline train-draft` "
+                "and pass --draft-checkpoint DIR"
+            )
+        head = CoralHead.load(str(path)).attach(target.model)
+        config = {
+            "coral": CoralDrafterConfig(grouped=True),
+            "coral-full": CoralDrafterConfig(grouped=False),
+            "coral-eagle2": CoralDrafterConfig(budget="max", grouped=False),
+        }[name]
+        return CoralDrafter(head, config)
+    raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
+
+
+def default_drafter(model: str) -> str:
+    """CORAL when a head ships for the model, else the model-free n-gram drafter."""
+    return "coral" if shipped_head(model) is not None else "ngram"
+
+
+def check_name(name: str) -> None:
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")

@@ -53,7 +53,7 @@ format: install ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix services tests
 	$(VENV)/bin/ruff format services tests
 
-demo: install ## Exact expected acceptance of every verifier on toy models, side by side
+demo: install model ## Stream SmolLM2 with speculation beside plain decoding (same run, same prompt)
 	$(PY) -m coralline.cli demo
 
 bench: install model ## Verifier cost (64 nodes, V = 49152) and engine vs HF on SmolLM2 (JSON in $(BENCH_OUT))

@@ -94,6 +94,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from coralline.eval import engine_bench
 
         engine_bench.main(args.out, quick=args.quick)
+    elif args.what == "coral":
+        from coralline.eval import coral_bench
+
+        coral_bench.main(args.out, quick=args.quick, ablations=args.ablation)
     return 0
 
 
@@ -174,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_cmd_exact)
 
     b = sub.add_parser("bench", help="benchmarks (JSON + a printed table)")
-    b.add_argument("what", choices=["verifiers", "engine"], help="which benchmark")
+    b.add_argument("what", choices=["verifiers", "engine", "coral"], help="which benchmark")
+    b.add_argument("--ablation", action="append", help="coral: another checkpoint to compare")
     b.add_argument("--out", default=None, help="write the JSON report here")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (CI)")
     b.set_defaults(fn=_cmd_bench)

@@ -225,7 +225,19 @@ class Engine:
 
 def generate_ids(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
     """All generated token ids (convenience for tests and benchmarks)."""
+    return timed_generate(engine, prompt_ids, params)[0]
+
+
+def timed_generate(
+    engine: Engine, prompt_ids: Sequence[int], params: SamplingParams
+) -> tuple[list[int], float, Summary]:
+    """(generated ids, wall seconds including prefill, summary) of one generation."""
+    t0 = time.perf_counter()
     out: list[int] = []
+    summary = None
     for chunk in engine.generate(prompt_ids, params):
         out.extend(chunk.token_ids)
-    return out
+        summary = chunk.summary or summary
+    if summary is None:
+        raise RuntimeError("the engine ended without a summary")
+    return out, time.perf_counter() - t0, summary

@@ -133,3 +133,34 @@ def test_negative_controls_fail_the_exact_check(broken):
         for shape in (SHAPES["binary2"], SHAPES["unbalanced"]):
             worst = max(worst, _tv_to_target(fn, "sampled_swor", shape, target, draft))
     assert worst > 1e-2, f"the broken traversal was not detected (TV {worst:.3g})"
+
+
+def test_data_dependent_children_break_losslessness():
+    """Why sampled trees use a template fixed before drawing (draft/trees.py): keeping the
+    second SWOR child only when its draft probability is high biases the kept tokens, and
+    traversal is then no longer lossless. The same code with the child always kept is."""
+    from collections import defaultdict
+
+    from coralline.tree import TokenTree
+    from coralline.verification.exact import _child_sequences, outcome_law, tree_rows
+
+    target, draft = PrefixModel(4, 15, "flat"), PrefixModel(4, 16, "flat")
+    q = draft(CONTEXT)
+    verify = VERIFIERS["traversal"].fn
+    exact = target_law(target, CONTEXT, 2)
+    for rule, expect_lossless in (("always", True), ("if_likely", False)):
+        law: dict = defaultdict(float)
+        for seq, prob in _child_sequences(q, 2, "sampled_swor"):
+            keep = [seq[0]]
+            if rule == "always" or float(q[seq[1]]) > 0.2:
+                keep.append(seq[1])
+            tree = TokenTree.from_parents([CONTEXT[-1], *keep], [-1] + [0] * len(keep))
+            mb, ms = tree_rows(tree, target, CONTEXT), tree_rows(tree, draft, CONTEXT)
+
+            def run(coins, tree=tree, mb=mb, ms=ms):
+                return verify(tree, mb, ms, coins).emitted_tokens(tree)
+
+            for out, p in outcome_law(run).items():
+                law[out] += prob * p
+        tv = tv_distance(extend_law(dict(law), target, CONTEXT, 2), exact)
+        assert (tv < TV_TOL) == expect_lossless, (rule, tv)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from coralline.engine import timed_generate
+
 PROMPTS = [
     "Explain in three sentences why the sky is blue.",
     "Copy this list exactly and then sort it alphabetically: pear, apple, fig, kiwi, banana, "
@@ -33,15 +35,6 @@ PROMPTS = [
     "请用三句话介绍一下长城。",
     "把下面这句话翻译成英文：我今天很高兴见到你，我们一起去公园散步吧。",
 ]
-
-
-def _time_engine(engine, ids, params):
-    t0 = time.perf_counter()
-    out, summary = [], None
-    for chunk in engine.generate(ids, params):
-        out.extend(chunk.token_ids)
-        summary = chunk.summary or summary
-    return out, time.perf_counter() - t0, summary
 
 
 def _time_hf(model, ids, n, **kw):
@@ -144,9 +137,9 @@ def run(quick: bool = False, print_fn=print) -> dict:
     configs = {
         "hf_generate": lambda ids: _time_hf(model, ids, n),
         "hf_prompt_lookup": lambda ids: _time_hf(model, ids, n, prompt_lookup_num_tokens=5),
-        "engine_plain": lambda ids: _time_engine(Engine(runner), ids, params),
-        "engine_ngram": lambda ids: _time_engine(Engine(runner, NgramDrafter()), ids, params),
-        "engine_ngram_tree": lambda ids: _time_engine(
+        "engine_plain": lambda ids: timed_generate(Engine(runner), ids, params),
+        "engine_ngram": lambda ids: timed_generate(Engine(runner, NgramDrafter()), ids, params),
+        "engine_ngram_tree": lambda ids: timed_generate(
             Engine(runner, NgramDrafter(NgramConfig(max_paths=3))), ids, params
         ),
     }

@@ -1,0 +1,199 @@
+"""CORAL benchmark on held-out ShareGPT prompts (never used in training), one process, one thread:
+
+- T = 0: plain decoding vs the CORAL drafter with EAGLE-2's 60-node tree (full LM head), with
+  the budget chooser (full LM head) and with the budget chooser + grouped LM head: tau,
+  tokens/s, speedup over plain measured side by side, draft LM-head ms per round, and whether
+  every output equals plain greedy decoding;
+- T = 1: sampled trees verified by traversal vs RRSw (same prompts, same seeds): tau each;
+- the router's hit rate: share of held-out assistant positions whose target argmax token lies in
+  the groups the router selects from the head's own step-1 feature;
+- optional ablations: the same T = 0 figures for other checkpoints (EAGLE / +HASS / +CSRA ...).
+Knows nothing about services; every figure comes from this run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from coralline.engine import timed_generate
+
+
+def heldout_prompts(tokenizer, n: int, max_prompt_tokens: int = 160) -> list[str]:
+    from coralline.train.data import conversations
+
+    out = []
+    for conv in conversations("heldout"):
+        first = conv["messages"][0]
+        if first["role"] != "user":
+            continue
+        text = first["content"].strip()
+        if len(tokenizer(text)["input_ids"]) > max_prompt_tokens or len(text) < 20:
+            continue
+        out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+def router_hit_rate(head, runner, prompts_ids: list[list[int]]) -> float:
+    """Share of positions whose target argmax lies in the router's selected groups."""
+    hits = total = 0
+    groups = torch.empty(head.config.vocab_size, dtype=torch.int64)
+    groups[head.group_tokens.flatten()] = torch.arange(head.config.num_groups).repeat_interleave(
+        head.config.group_size
+    )
+    with torch.inference_mode():
+        for ids in prompts_ids:
+            t = torch.tensor([ids])
+            f = runner.model.model(input_ids=t).last_hidden_state[0]  # [T, d]
+            target_next = runner.model.lm_head(f).argmax(-1)  # [T] argmax after position t
+            n = f.shape[0] - 1  # positions 0..T-2: the head's output g_t predicts f_{t+1}
+            pos = torch.arange(n)
+            causal = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)[None, None]
+            g = head(t[:, 1:], f[None, :-1], pos[None], causal)[0]  # [n, d]
+            top = head.router_logits(g).topk(head.config.active_groups, -1).indices  # [n, k]
+            want = groups[target_next[1:]]  # group of the target's argmax after position t+1
+            hits += int((top == want[:, None]).any(-1).sum())
+            total += n
+    return hits / max(1, total)
+
+
+def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print) -> dict:
+    from coralline.draft.coral import CoralHead
+    from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
+    from coralline.draft.registry import shipped_head
+    from coralline.engine import Engine, EngineConfig
+    from coralline.sampling import SamplingParams
+    from coralline.target import TargetRunner
+
+    torch.set_num_threads(1)
+    runner = TargetRunner.load()
+    ckpt = shipped_head(runner.config.model)
+    if ckpt is None:
+        raise ValueError("no shipped CORAL head: train one first (coralline train-draft)")
+    n_prompts, n_tokens, seeds = (2, 32, 2) if quick else (8, 64, 3)
+    prompts = heldout_prompts(runner.tokenizer, n_prompts)
+    encoded = [runner.encode(p) for p in prompts]
+    head = CoralHead.load(str(ckpt)).attach(runner.model)
+    greedy = SamplingParams(max_new_tokens=n_tokens)
+    configs = {
+        "plain": None,
+        "coral_eagle2_tree60_full": CoralDrafterConfig(budget="max", grouped=False),
+        "coral_auto_full": CoralDrafterConfig(grouped=False),
+        "coral_auto_grouped": CoralDrafterConfig(grouped=True),
+    }
+    t0_results: dict[str, dict] = {}
+    reference: list[list[int]] = []
+    for name, cfg in configs.items():
+        drafter = CoralDrafter(head, cfg) if cfg else None
+        r = {
+            "tokens": 0,
+            "seconds": 0.0,
+            "rounds": 0,
+            "accepted": 0,
+            "draft_ms": 0.0,
+            "verify_ms": 0.0,
+            "lm_head_ms": 0.0,
+            "identical": True,
+        }
+        for i, ids in enumerate(encoded):
+            out, secs, s = timed_generate(Engine(runner, drafter), ids, greedy)
+            if name == "plain":
+                reference.append(out)
+            r["identical"] &= out == reference[i]
+            r["tokens"] += len(out)
+            r["seconds"] += secs
+            r["rounds"] += s.rounds
+            r["accepted"] += round((s.acceptance_length - 1) * s.rounds)
+            r["draft_ms"] += s.draft_ms
+            r["verify_ms"] += s.verify_ms
+        if drafter is not None:
+            r["lm_head_ms"] = drafter.lm_head_ms
+        r["tau"] = 1 + r["accepted"] / r["rounds"]
+        r["tokens_per_second"] = r["tokens"] / r["seconds"]
+        r["draft_lm_head_ms_per_round"] = r["lm_head_ms"] / r["rounds"]
+        t0_results[name] = r
+        print(f"  {name} done", file=sys.stderr, flush=True)
+    base = t0_results["plain"]["tokens_per_second"]
+    for r in t0_results.values():
+        r["speedup"] = r["tokens_per_second"] / base
+    # T = 1: traversal vs RRSw on the same sampled trees' distribution
+    t1 = {}
+    for verifier in ("traversal", "rrsw"):
+        drafter = CoralDrafter(head, CoralDrafterConfig(grouped=True))
+        engine = Engine(runner, drafter, EngineConfig(verifier=verifier))
+        acc = rounds = 0
+        for ids in encoded:
+            for seed in range(seeds):
+                p = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=n_tokens)
+                _, _, s = timed_generate(engine, ids, p)
+                acc += round((s.acceptance_length - 1) * s.rounds)
+                rounds += s.rounds
+        t1[verifier] = {"tau": 1 + acc / rounds, "rounds": rounds}
+    t1["traversal_gain_percent"] = 100 * (t1["traversal"]["tau"] / t1["rrsw"]["tau"] - 1)
+    hit = router_hit_rate(head, runner, encoded)
+    ablation_rows = []
+    for path in ablations or []:
+        h = CoralHead.load(path).attach(runner.model)
+        d = CoralDrafter(h, CoralDrafterConfig(budget="max", grouped=False))
+        acc = rounds = toks = 0
+        secs = 0.0
+        for ids in encoded:
+            out, s_, s = timed_generate(Engine(runner, d), ids, greedy)
+            acc += round((s.acceptance_length - 1) * s.rounds)
+            rounds += s.rounds
+            toks += len(out)
+            secs += s_
+        ablation_rows.append(
+            {
+                "checkpoint": path,
+                "recipe": h.config.recipe,
+                "tau": 1 + acc / rounds,
+                "tokens_per_second": toks / secs,
+            }
+        )
+    report = {
+        "what": "CORAL drafter on held-out ShareGPT prompts, SmolLM2-135M-Instruct fp32",
+        "checkpoint": str(ckpt),
+        "config": {"prompts": len(encoded), "max_new_tokens": n_tokens, "t1_seeds": seeds},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
+        "date": time.strftime("%Y-%m-%d"),
+        "t0": t0_results,
+        "t1": t1,
+        "router_hit_rate": hit,
+        "ablations": ablation_rows,
+    }
+    print_fn(
+        f"{'T = 0':<28}{'tau':>7}{'tok/s':>8}{'speedup':>9}{'LM head ms/round':>18}  identical"
+    )
+    for name, r in t0_results.items():
+        print_fn(
+            f"{name:<28}{r['tau']:>7.2f}{r['tokens_per_second']:>8.1f}{r['speedup']:>9.2f}"
+            f"{r['draft_lm_head_ms_per_round']:>18.1f}  {r['identical']}"
+        )
+    print_fn(
+        f"T = 1 tau: traversal {t1['traversal']['tau']:.3f}, RRSw {t1['rrsw']['tau']:.3f} "
+        f"({t1['traversal_gain_percent']:+.1f}%)"
+    )
+    print_fn(f"router hit rate (target argmax in the selected groups): {hit:.3f}")
+    for row in ablation_rows:
+        print_fn(
+            f"ablation {row['checkpoint']}: tau {row['tau']:.2f}, "
+            f"{row['tokens_per_second']:.1f} tok/s"
+        )
+    return report
+
+
+def main(out: str | None, quick: bool = False, ablations: list[str] | None = None) -> dict:
+    report = run(quick=quick, ablations=ablations)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+    return report

@@ -190,6 +190,32 @@ class TargetRunner:
         if fed:
             self.cache.crop(-fed)
 
+    def forward_costs(
+        self, sizes=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64), context: int = 200, repeats: int = 5
+    ) -> dict[int, float]:
+        """Median ms of one tree forward over n nodes after `context` cached tokens: the cost
+        model t(n) of this machine (resets the runner's sequence)."""
+        import statistics
+        import time
+
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.vocab_size, (context + 1,), generator=g).tolist()
+        self.prefill(ids)
+        out = {}
+        for n in sizes:
+            tree = TokenTree.from_parents(
+                ids[-1:] + ids[: n - 1], [-1] + [(i - 1) // 4 for i in range(1, n)]
+            )
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.tree_forward(tree)
+                self.rollback()
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[n] = statistics.median(times)
+        self.reset()
+        return out
+
     @torch.inference_mode()
     def full_forward_logits(self, ids: Sequence[int]) -> torch.Tensor:  # [V]
         """Next-token logits after `ids` by a fresh causal forward (tests and debugging)."""

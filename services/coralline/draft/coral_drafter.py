@@ -147,6 +147,7 @@ class CoralDrafter:
         params: SamplingParams,
         generator: torch.Generator,
     ) -> DraftProposal:
+        t0 = time.perf_counter()
         self._observe(new_ids)
         self._sync(new_ids, new_features)
         root = int(new_ids[-1])
@@ -156,6 +157,7 @@ class CoralDrafter:
             return self._sampled(root, params, generator)
         finally:
             self.cache.crop(self.num_cached - self.cache.get_seq_length())  # rollback
+            self.cost.observe_draft_ms((time.perf_counter() - t0) * 1e3)
 
     def _forward_nodes(self, nodes, tokens, parents, outs, depth_of) -> torch.Tensor:
         """Run draft nodes (all of one depth) through the head with a tree mask."""

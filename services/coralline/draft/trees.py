@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +45,18 @@ class CostModel:
     """Relative cost of one round: target forward over n nodes + the draft's work."""
 
     table: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_COST))
-    draft_cost: float = 0.3  # drafting a tree, in units of t(1) (measured by the drafter)
+    draft_cost: float = 0.3  # drafting a tree, in units of t(1) (updated by the drafter)
+    t1_ms: float = 51.0  # one plain target step in ms (SmolLM2 fp32, 2-core CPU, bench engine)
+
+    @classmethod
+    def measured(cls, ms_by_size: dict[int, float]) -> CostModel:
+        """From measured milliseconds per forward size (TargetRunner.forward_costs)."""
+        t1 = ms_by_size[min(ms_by_size)]
+        return cls(table={n: ms / t1 for n, ms in ms_by_size.items()}, t1_ms=t1)
+
+    def observe_draft_ms(self, ms: float) -> None:
+        """Running estimate of the drafting cost of one round."""
+        self.draft_cost = 0.9 * self.draft_cost + 0.1 * ms / self.t1_ms
 
     def target(self, n: int) -> float:
         keys = sorted(self.table)
@@ -194,8 +204,3 @@ class AcceptanceStats:
             observed = len(path) - 1
             ratio = max(0.05, min(3.0, observed / predicted))
             self.calibration = self.decay * self.calibration + (1 - self.decay) * ratio
-
-
-def logsumexp(xs: Sequence[float]) -> float:
-    m = max(xs)
-    return m + math.log(sum(math.exp(x - m) for x in xs))

@@ -93,12 +93,16 @@ def resolve(name_or_path: str) -> Path:
 
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model in eval mode, tokenizer) for a built-in name or a local folder."""
+    """(model in eval mode, tokenizer or None when the folder has none) for a built-in name
+    or a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     folder = resolve(name_or_path)
     hf_logging.disable_progress_bar()  # a 0.3 s load needs no progress bar
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    has_tokenizer = any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     return model, tokenizer

@@ -81,6 +81,8 @@ class TargetRunner:
         """Token ids of a prompt; chat=True applies the model's chat template (user turn)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer: pass token ids instead")
         if chat and getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True

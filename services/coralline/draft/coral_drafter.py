@@ -12,8 +12,9 @@ tokens and the next token's embedding, see draft/coral.py). Each round:
           T > 0: a template fixed BEFORE drawing (draft/trees.py), children drawn without
           replacement from each node's warped draft row truncated to draft_top_k tokens, sent as
           SparseRows: Traversal Verification / RRSw verify it losslessly
-  budget  the tree size maximising expected tokens per second under the measured cost table
-          and the running acceptance statistics (draft/trees.py)
+  budget  the tree size maximising expected tokens per second under the cost table (measured
+          once, then fixed) and the acceptance statistics of this sequence (draft/trees.py):
+          both are deterministic given the history, so a seed reproduces a generation
   rollback the draft nodes leave the head's cache
 The LM head is the full target head, or the grouped head (router + active groups) when
 `grouped` is set: the draft distribution then has the selected groups' rows as support.
@@ -74,12 +75,14 @@ class CoralDrafter:
         self.config = config or CoralDrafterConfig()
         self.cost = cost or CostModel()
         self.name = "coral-grouped" if self.config.grouped else "coral"
-        self.stats = AcceptanceStats()
         self.reset()
 
     def reset(self) -> None:
+        """Start a sequence. The acceptance statistics restart too, so a generation depends only
+        on its own history: the same seed gives the same tokens (the cost model is fixed)."""
         from transformers import DynamicCache
 
+        self.stats = AcceptanceStats()
         self.cache = DynamicCache(config=self.head.config.llama_config())
         self.num_cached = 0
         self.last_out: torch.Tensor | None = None  # [d] head output at the last position
@@ -147,7 +150,6 @@ class CoralDrafter:
         params: SamplingParams,
         generator: torch.Generator,
     ) -> DraftProposal:
-        t0 = time.perf_counter()
         self._observe(new_ids)
         self._sync(new_ids, new_features)
         root = int(new_ids[-1])
@@ -157,7 +159,6 @@ class CoralDrafter:
             return self._sampled(root, params, generator)
         finally:
             self.cache.crop(self.num_cached - self.cache.get_seq_length())  # rollback
-            self.cost.observe_draft_ms((time.perf_counter() - t0) * 1e3)
 
     def _forward_nodes(self, nodes, tokens, parents, outs, depth_of) -> torch.Tensor:
         """Run draft nodes (all of one depth) through the head with a tree mask."""

@@ -1,0 +1,54 @@
+"""The shipped CORAL head on the real target (SmolLM2-135M-Instruct)."""
+
+import pytest
+import torch
+
+from coralline.draft.coral import CoralHead
+from coralline.draft.registry import make_drafter, shipped_head
+from coralline.engine import Engine, generate_ids
+from coralline.eval.coral_bench import heldout_prompts, router_hit_rate
+from coralline.sampling import SamplingParams
+
+from ..test_engine import PROMPTS, _hf_greedy
+
+
+def test_a_head_ships_for_the_default_target():
+    path = shipped_head("smollm2-135m-instruct")
+    assert path is not None
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    assert size < 15 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["coral", "coral-eagle2"])
+def test_greedy_with_coral_equals_target_greedy(smollm2, name):
+    drafter = make_drafter(name, smollm2)
+    taus = []
+    for prompt in PROMPTS[:3] + PROMPTS[3:4]:
+        ids = smollm2.encode(prompt)
+        reference = _hf_greedy(smollm2, ids, 48)
+        chunks = list(Engine(smollm2, drafter).generate(ids, SamplingParams(max_new_tokens=48)))
+        assert [t for c in chunks for t in c.token_ids] == reference, prompt
+        taus.append(chunks[-1].summary.acceptance_length)
+    assert max(taus) > 1.5  # the trained head really drafts
+
+
+@pytest.mark.slow
+def test_router_selects_the_target_argmax_group_on_heldout_text(smollm2):
+    head = CoralHead.load(str(shipped_head("smollm2-135m-instruct"))).attach(smollm2.model)
+    prompts = heldout_prompts(smollm2.tokenizer, 4)
+    ids = [smollm2.encode(p) for p in prompts]
+    share = router_hit_rate(head, smollm2, ids)
+    chance = head.config.active_groups / head.config.num_groups
+    assert share > 2 * chance, share  # measured in the README; far above chance
+
+
+@pytest.mark.slow
+def test_sampled_coral_generation_is_deterministic_for_a_seed(smollm2):
+    drafter = make_drafter("coral", smollm2)
+    ids = smollm2.encode(PROMPTS[0])
+    p = SamplingParams(temperature=1.0, seed=3, max_new_tokens=24)
+    a = generate_ids(Engine(smollm2, drafter), ids, p)
+    b = generate_ids(Engine(smollm2, drafter), ids, p)
+    assert a == b and len(a) > 0
+    assert torch.tensor(a).max() < smollm2.vocab_size

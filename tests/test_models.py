@@ -16,7 +16,7 @@ def test_local_folder_loads(tmp_path):
 
 
 def test_unknown_model_and_bad_config():
-    with pytest.raises(ValueError, match="unknown model 'nope'.*smollm2-135m-instruct"):
+    with pytest.raises(ValueError, match=r"unknown model 'nope'.*smollm2-135m-instruct"):
         models.resolve("nope")
     with pytest.raises(ValueError, match="dtype must be one of"):
         TargetConfig(dtype="float8")

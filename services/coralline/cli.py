@@ -135,6 +135,28 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from coralline.eval import run
+
+    torch.set_num_threads(args.threads)
+    if args.what == "followeval":
+        report = run.followeval(
+            args.data, args.drafter, args.model, args.max_new_tokens, args.limit
+        )
+    elif args.what == "ifeval":
+        if not args.data:
+            raise ValueError("ifeval needs --data PATH (IFEval's input_data.jsonl)")
+        report = run.ifeval(args.data, args.drafter, args.model, args.max_new_tokens, args.limit)
+    else:
+        report = run.lossless(
+            args.data, args.drafter, args.model, args.max_new_tokens, args.limit, args.ifeval_limit
+        )
+    run.save(report, args.out)
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from coralline import models
 
@@ -205,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-conversations", type=int, default=0, help="0 = all (for quick runs)")
     t.add_argument("--threads", type=int, default=1)
     t.set_defaults(fn=_cmd_train_draft)
+
+    ev = sub.add_parser("eval", help="quality evaluation: followeval, ifeval, lossless")
+    ev.add_argument("what", choices=["followeval", "ifeval", "lossless"])
+    ev.add_argument("--data", default=None, help="FollowEval file / IFEval input_data.jsonl")
+    ev.add_argument("--model", default="smollm2-135m-instruct")
+    ev.add_argument("--drafter", default=None, help="default: coral when shipped, else ngram")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--limit", type=int, default=0, help="first N items only (0 = all)")
+    ev.add_argument("--ifeval-limit", type=int, default=20, help="lossless: IFEval prompts")
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--out", default=None, help="write the JSON report here")
+    ev.set_defaults(fn=_cmd_eval)
 
     m = sub.add_parser("model", help="model utilities")
     m.add_argument("action", choices=["prepare"], help="convert/cache a built-in model")

@@ -129,6 +129,7 @@ def _losses(head: CoralHead, conv: dict, cfg: TrainConfig, distill: bool, gen: t
             )
         parts[f"reg{j}"] = float(reg.detach())
         parts[f"ce{j}"] = float(ce.detach())
+        parts[f"acc{j}"] = float((logq.argmax(-1) == pt.argmax(-1)).float().mean())  # top-1
         total = total + loss
         outs.append((g, ok))
         prev = g
@@ -292,7 +293,7 @@ def fit(
                     {
                         k2: f"{v:.3f}"
                         for k2, v in run.items()
-                        if k2 in ("loss", "ce1", f"ce{cfg.steps}", "csra")
+                        if k2 in ("loss", "ce1", "acc1", f"acc{cfg.steps}", "csra")
                     }
                 )
                 if step % cfg.checkpoint_every == 0:

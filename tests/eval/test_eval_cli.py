@@ -1,0 +1,81 @@
+"""`coralline eval` end to end on SmolLM2 (small limits): reports are written and speculation
+changes no output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+IFEVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "ifeval" / "input_data.jsonl"
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "coralline.cli", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.slow
+def test_eval_lossless_reports_identical_outputs(tmp_path):
+    out = tmp_path / "lossless.json"
+    res = _cli(
+        "eval",
+        "lossless",
+        "--drafter",
+        "ngram",
+        "--limit",
+        "3",
+        "--ifeval-limit",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--data",
+        str(IFEVAL),
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["identical_rate"] == 1.0
+    for label in ("plain", "speculative"):
+        assert 0.0 <= report[label]["followeval_accuracy"] <= 1.0
+        assert set(report[label]["ifeval"]) >= {"prompt_level_strict", "instruction_level_loose"}
+    assert report["plain"]["followeval_accuracy"] == report["speculative"]["followeval_accuracy"]
+
+
+@pytest.mark.slow
+def test_eval_followeval_and_ifeval_write_reports(tmp_path):
+    out = tmp_path / "fe.json"
+    res = _cli(
+        "eval",
+        "followeval",
+        "--drafter",
+        "none",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["items"] == 4 and "by_language_dimension" in report
+    res = _cli(
+        "eval",
+        "ifeval",
+        "--drafter",
+        "none",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--data",
+        str(IFEVAL),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "IFEval on 2 prompts" in res.stdout
+    res = _cli("eval", "ifeval")
+    assert res.returncode == 2 and "needs --data" in res.stderr

@@ -56,6 +56,8 @@ class CoralConfig:
     num_groups: int = 64  # 768 rows per group for a 49152 vocabulary
     active_groups: int = 8  # 1/8 of the LM head per step: the LM head dominates draft latency
     router_hidden: int = 256  # a router this small costs ~0.1 ms
+    feature_norm: bool = True  # RMSNorm on the input feature: the target's features have a few
+    # massive dimensions (|f| up to ~50 on SmolLM2) that otherwise swamp the fused input
     recipe: dict = field(default_factory=dict)  # training flags and hyper-parameters
     data_hash: str = ""  # hash of the training data selection
 
@@ -153,6 +155,11 @@ class CoralHead(nn.Module):
         d = config.hidden_size
         llama = config.llama_config()
         self.fc = nn.Linear(2 * d, d, bias=True)
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm as _Norm
+
+        self.feature_in = (
+            _Norm(d, eps=config.rms_norm_eps) if config.feature_norm else nn.Identity()
+        )
         self.layer = LlamaDecoderLayer(llama, layer_idx=0)
         self.layer.input_layernorm = nn.Identity()  # EAGLE: no norm on the fused input
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -212,7 +219,7 @@ class CoralHead(nn.Module):
         cache=None,  # a DynamicCache of one layer, or None
     ) -> torch.Tensor:  # [B, T, d] draft features g_t
         emb = F.embedding(input_ids, self._need(self._embed))
-        h = self.fc(torch.cat([emb.to(features.dtype), features], dim=-1))
+        h = self.fc(torch.cat([emb.to(features.dtype), self.feature_in(features)], dim=-1))
         cos_sin = self.rotary(h, position_ids)
         out = self.layer(
             h,

@@ -18,8 +18,9 @@ the target's logits lm_head(f_t)):
                    -sum_{k in topK(p)} p(k) log q(k)
   router stage     head frozen; the router learns each group's probability mass under the full
                    LM head (soft cross-entropy), on the outputs of every step
-Init: the head's decoder layer starts from the target's LAST decoder layer and its output norm
-from the target's final norm (our choice: faster convergence than a random layer).
+Init: random decoder layer (starting from the target's last layer was measured worse: top-1
+0.07 vs 0.17 after the same 90 steps, the copy collapses to near-constant outputs); the output
+norm starts from the target's final norm.
 Seeded; resumable (train_state.pt every `checkpoint_every` optimizer steps); tqdm progress.
 """
 
@@ -59,7 +60,7 @@ class TrainConfig:
     topk_weight: float = 1.0
     router: bool = True
     router_epochs: int = 1
-    lr: float = 5e-4  # small head, few tokens: larger than EAGLE's 3e-5 for 7B targets
+    lr: float = 1e-3  # best of 3e-4 / 1e-3 / 2e-3 on 120 conversations (top-1 .17 / .22 / .20)
     router_lr: float = 1e-3
     warmup: int = 50
     accumulate: int = 4  # conversations per optimizer step (~1.2k tokens)
@@ -203,10 +204,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
     head = CoralHead(
         config_for_target(target, cfg.model, recipe=recipe, data_hash=_data_hash(convs))
     ).attach(target)
-    last = target.model.layers[-1]
-    head.layer.self_attn.load_state_dict(last.self_attn.state_dict())
-    head.layer.mlp.load_state_dict(last.mlp.state_dict())
-    head.layer.post_attention_layernorm.load_state_dict(last.post_attention_layernorm.state_dict())
     head.norm.load_state_dict(target.model.norm.state_dict())
     head.init_groups(seed=cfg.seed)
     history = fit(head, convs, cfg, out / "train_state.pt", log)

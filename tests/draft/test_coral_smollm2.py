@@ -30,7 +30,7 @@ def test_greedy_with_coral_equals_target_greedy(smollm2, name):
         chunks = list(Engine(smollm2, drafter).generate(ids, SamplingParams(max_new_tokens=48)))
         assert [t for c in chunks for t in c.token_ids] == reference, prompt
         taus.append(chunks[-1].summary.acceptance_length)
-    assert max(taus) > 1.5  # the trained head really drafts
+    assert max(taus) > 1.1  # the trained head drafts (an untrained one gives 1.0)
 
 
 @pytest.mark.slow

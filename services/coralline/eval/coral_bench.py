@@ -77,7 +77,7 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
     ckpt = shipped_head(runner.config.model)
     if ckpt is None:
         raise ValueError("no shipped CORAL head: train one first (coralline train-draft)")
-    n_prompts, n_tokens, seeds = (2, 32, 2) if quick else (8, 64, 3)
+    n_prompts, n_tokens, seeds = (2, 32, 2) if quick else (6, 64, 2)
     prompts = heldout_prompts(runner.tokenizer, n_prompts)
     encoded = [runner.encode(p) for p in prompts]
     head = CoralHead.load(str(ckpt)).attach(runner.model)

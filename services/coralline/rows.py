@@ -68,6 +68,29 @@ class SparseRows:
         return out.scatter_add_(0, self.indices[i], self.values[i].to(dtype))
 
     @classmethod
+    def from_node_rows(
+        cls,
+        num_rows: int,
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]],  # node -> (token ids [k], probs [k])
+        k: int,
+        vocab_size: int,
+    ) -> SparseRows:
+        """Rows of a drafted tree: the given nodes' truncated distributions (the ones their
+        children were drawn from); every other node (a leaf) gets a valid uniform row over the
+        first k tokens that no verifier reads (rows are only read at nodes with children)."""
+        idx = torch.zeros(num_rows, k, dtype=torch.int64)
+        val = torch.zeros(num_rows, k)
+        for node in range(num_rows):
+            if node in rows:
+                ids, probs = rows[node]
+                idx[node, : ids.numel()] = ids
+                val[node, : probs.numel()] = probs
+            else:
+                idx[node] = torch.arange(k)
+                val[node] = 1.0 / k
+        return cls(idx, val, vocab_size)
+
+    @classmethod
     def from_dense(cls, dense: torch.Tensor) -> SparseRows:  # dense [N, V]
         """Keep each row's nonzero entries (K = the largest support, zero-padded)."""
         if dense.dim() != 2:

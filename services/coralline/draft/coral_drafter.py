@@ -276,14 +276,5 @@ class CoralDrafter:
                     nxt.append((tk, len(tokens) - 1))
             frontier = nxt
         tree = TokenTree.from_parents(tokens, parents)
-        idx = torch.zeros(tree.num_nodes, k_rows, dtype=torch.int64)
-        val = torch.zeros(tree.num_nodes, k_rows)
-        for n in range(tree.num_nodes):
-            if n in rows:
-                idx[n, : rows[n][0].numel()] = rows[n][0]
-                val[n, : rows[n][1].numel()] = rows[n][1]
-            else:  # a leaf: a valid row nobody draws from (never read by the verifiers)
-                idx[n] = torch.arange(k_rows)
-                val[n] = 1.0 / k_rows
         self._last = (tree, None)
-        return DraftProposal(tree, SparseRows(idx, val, vocab))
+        return DraftProposal(tree, SparseRows.from_node_rows(tree.num_nodes, rows, k_rows, vocab))

@@ -96,21 +96,9 @@ class ModelDrafter:
                     new_frontier.append(len(tokens) - 1)
             frontier = new_frontier
         tree = TokenTree.from_parents(tokens, parents)
-        return DraftProposal(tree, self._rows(tree.num_nodes, rows))
+        rows_out = SparseRows.from_node_rows(tree.num_nodes, rows, self._k, self.runner.vocab_size)
+        return DraftProposal(tree, rows_out)
 
     @property
     def _k(self) -> int:
         return min(self.config.draft_top_k, self.runner.vocab_size)
-
-    def _rows(self, n: int, rows: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> SparseRows:
-        k, vocab = self._k, self.runner.vocab_size
-        idx = torch.zeros(n, k, dtype=torch.int64)
-        val = torch.zeros(n, k)
-        for node, (ids, probs) in rows.items():
-            idx[node, : ids.numel()] = ids
-            val[node, : probs.numel()] = probs
-        for node in range(n):  # deepest layer: a valid row nobody samples from (never read)
-            if node not in rows:
-                idx[node] = torch.arange(k)
-                val[node] = 1.0 / k
-        return SparseRows(idx, val, vocab)

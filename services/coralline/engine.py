@@ -147,6 +147,7 @@ class Engine:
         g_verify = make_generator(params.seed)
         g_draft = make_generator(None if params.seed is None else params.seed + 1)
         text = _Text(target.tokenizer, params.stop) if target.tokenizer is not None else None
+        plain = check_pair(None, default_verifier(None, params), params)
         t_start = time.perf_counter()
         features = target.prefill(prompt)
         prefill_ms = (time.perf_counter() - t_start) * 1e3
@@ -163,13 +164,15 @@ class Engine:
                 proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
             tree = proposal.tree
             room = target.max_context - target.num_cached
+            verify = spec.fn
             if tree.num_nodes > room:  # near the end of the window: decode plainly
                 proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
                 tree = proposal.tree
+                verify = plain.fn  # a root-only tree needs no draft rows
             t1 = time.perf_counter()
             out = target.tree_forward(tree)
             rows = out.probs(params)  # [N, V]
-            result = spec.fn(tree, rows, proposal.rows, g_verify, check=self.config.check_inputs)
+            result = verify(tree, rows, proposal.rows, g_verify, check=self.config.check_inputs)
             target.commit(result.accepted)
             t2 = time.perf_counter()
             rounds += 1

@@ -56,9 +56,12 @@ class Drafter(Protocol):
 
 
 def default_verifier(drafter: Drafter | None, params: SamplingParams) -> str:
-    """Greedy at T = 0; else traversal for SWOR trees, RRS for i.i.d., EAGLE's otherwise."""
-    if params.greedy or drafter is None:
+    """Greedy at T = 0; else traversal for SWOR trees, RRS for i.i.d., EAGLE's otherwise
+    (also for plain decoding: on a root-only tree it samples the target's row)."""
+    if params.greedy:
         return "greedy"
+    if drafter is None:
+        return "eagle"
     return {"sampled_swor": "traversal", "sampled_iid": "rrs"}.get(drafter.tree_kind, "eagle")
 
 

@@ -53,6 +53,10 @@ class CoralDrafterConfig:
     budget: str = "auto"  # "auto" = the cost-model chooser; "max" = always max_nodes
     grouped: bool = False  # use the router + grouped LM head
     draft_top_k: int = 32  # support of sampled draft rows (SparseRows K)
+    min_value: float = 0.3  # auto budget: stop expanding when no new node is expected to be
+    # accepted with probability above this (calibrated path probability): a head forward per
+    # layer costs more than such nodes return (0.05 / 0.15 / 0.3 measured 0.85 / 0.93 / 0.99x
+    # of plain decoding with the shipped head on 3 held-out prompts, 2-core CPU)
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.top_k < 1 or self.max_nodes < 1:
@@ -210,6 +214,9 @@ class CoralDrafter:
             frontier = layer[: cfg.top_k]
             if not frontier:
                 break
+            best = math.exp(scores[frontier[0]]) * self.stats.calibration
+            if cfg.budget == "auto" and best < cfg.min_value:
+                break  # deeper layers cannot pay for their head forwards
         cand = list(range(1, len(tokens)))
         values = sorted((math.exp(scores[i]) for i in cand), reverse=True)
         budget = (

@@ -42,22 +42,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args.model, args.drafter, args.verifier, args.draft_checkpoint)
     ids = engine.target.encode(args.prompt, chat=not args.no_chat)
     token_ids, text, summary = [], [], None
-    draft_ms = verify_ms = 0.0
     for chunk in engine.generate(ids, params):
         token_ids.extend(chunk.token_ids)
         text.append(chunk.text)
         if not args.json:
             print(chunk.text, end="", flush=True)
         summary = chunk.summary or summary
-    assert summary is not None  # the engine always ends with a summary chunk
-    draft_ms, verify_ms = summary.draft_ms, summary.verify_ms
+    if summary is None:
+        raise RuntimeError("the engine ended without a summary")
     stats = {
         "rounds": summary.rounds,
         "tokens": summary.tokens,
         "acceptance_length": round(summary.acceptance_length, 4),
         "tokens_per_second": round(summary.tokens_per_second, 3),
-        "draft_ms": round(draft_ms, 1),
-        "verify_ms": round(verify_ms, 1),
+        "draft_ms": round(summary.draft_ms, 1),
+        "verify_ms": round(summary.verify_ms, 1),
         "prefill_ms": round(summary.prefill_ms, 1),
         "finish_reason": summary.finish_reason,
         "verifier": summary.verifier,

@@ -78,7 +78,11 @@ class CoralDrafter:
         self.head = head.eval()
         self.config = config or CoralDrafterConfig()
         self.cost = cost or CostModel()
-        self.name = "coral-grouped" if self.config.grouped else "coral"
+        # the registry's names: coral (grouped head), coral-full, coral-eagle2 (fixed 60 nodes)
+        if self.config.grouped:
+            self.name = "coral"
+        else:
+            self.name = "coral-eagle2" if self.config.budget == "max" else "coral-full"
         self.reset()
 
     def reset(self) -> None:

@@ -145,9 +145,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.data, args.drafter, args.model, args.max_new_tokens, args.limit
         )
     elif args.what == "ifeval":
-        if not args.data:
-            raise ValueError("ifeval needs --data PATH (IFEval's input_data.jsonl)")
-        report = run.ifeval(args.data, args.drafter, args.model, args.max_new_tokens, args.limit)
+        from coralline.eval.ifeval import default_data_path
+
+        data = args.data or str(default_data_path())
+        report = run.ifeval(data, args.drafter, args.model, args.max_new_tokens, args.limit)
     else:
         report = run.lossless(
             args.data, args.drafter, args.model, args.max_new_tokens, args.limit, args.ifeval_limit
@@ -229,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="quality evaluation: followeval, ifeval, lossless")
     ev.add_argument("what", choices=["followeval", "ifeval", "lossless"])
-    ev.add_argument("--data", default=None, help="FollowEval file / IFEval input_data.jsonl")
+    ev.add_argument(
+        "--data", default=None, help="FollowEval file / IFEval input_data.jsonl (default: shared)"
+    )
     ev.add_argument("--model", default="smollm2-135m-instruct")
     ev.add_argument("--drafter", default=None, help="default: coral when shipped, else ngram")
     ev.add_argument("--max-new-tokens", type=int, default=128)

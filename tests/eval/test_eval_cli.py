@@ -4,11 +4,12 @@ changes no output."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-IFEVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "ifeval" / "input_data.jsonl"
+from coralline.eval.ifeval import default_data_path
+
+IFEVAL = default_data_path()
 
 
 def _cli(*args):
@@ -77,5 +78,5 @@ def test_eval_followeval_and_ifeval_write_reports(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "IFEval on 2 prompts" in res.stdout
-    res = _cli("eval", "ifeval")
-    assert res.returncode == 2 and "needs --data" in res.stderr
+    res = _cli("eval", "ifeval", "--data", "/nonexistent/input_data.jsonl")
+    assert res.returncode == 2 and "no IFEval data" in res.stderr

@@ -1,12 +1,18 @@
 """IFEval: every one of the 25 checkers on a passing and a failing response; the real data."""
 
-from pathlib import Path
-
 import pytest
 
-from coralline.eval.ifeval import CHECKERS, Prompt, check, count_sentences, load_prompts, score
+from coralline.eval.ifeval import (
+    CHECKERS,
+    Prompt,
+    check,
+    count_sentences,
+    default_data_path,
+    load_prompts,
+    score,
+)
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ifeval" / "input_data.jsonl"
+DATA = default_data_path()
 
 CASES = {
     "keywords:existence": (

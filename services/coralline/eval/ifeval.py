@@ -19,6 +19,7 @@ Knows nothing about models: it scores (prompt record, response) pairs.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -252,6 +253,20 @@ class Prompt:
     prompt: str
     instruction_id_list: list[str]
     kwargs: list[dict]
+
+
+def default_data_path() -> Path:
+    """Where IFEval's input_data.jsonl is looked for: $CORALLINE_IFEVAL_DATA, then
+    ../shared/data/ifeval/ beside the checkout (walking up from this file and from the current
+    folder), then /work/shared/data/ifeval/. The first candidate is returned when none exists,
+    so the error names a real place."""
+    rel = Path("shared") / "data" / "ifeval" / "input_data.jsonl"
+    env = os.environ.get("CORALLINE_IFEVAL_DATA")
+    candidates = [Path(env)] if env else []
+    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
+        candidates += [parent / rel for parent in start.parents]
+    candidates.append(Path("/work") / rel)
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:

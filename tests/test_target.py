@@ -40,6 +40,16 @@ def test_commit_keeps_exactly_the_accepted_path():
         assert torch.allclose(out.logits[i], ref, atol=1e-5)
 
 
+def test_forward_costs_for_both_shapes():
+    r = tiny_runner()
+    for shape in ("tree", "chain"):
+        ms = r.forward_costs(sizes=(1, 4), context=8, repeats=1, shape=shape)
+        assert set(ms) == {1, 4} and all(v > 0 for v in ms.values())
+    assert r.num_cached == 0  # the runner's sequence was reset
+    with pytest.raises(ValueError, match="shape must be"):
+        r.forward_costs(shape="star")
+
+
 def test_runner_errors():
     r = tiny_runner()
     with pytest.raises(ValueError, match="no tokens"):

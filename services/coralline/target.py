@@ -193,21 +193,31 @@ class TargetRunner:
             self.cache.crop(-fed)
 
     def forward_costs(
-        self, sizes=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64), context: int = 200, repeats: int = 5
+        self,
+        sizes=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+        context: int = 200,
+        repeats: int = 5,
+        shape: str = "tree",
     ) -> dict[int, float]:
-        """Median ms of one tree forward over n nodes after `context` cached tokens: the cost
-        model t(n) of this machine (resets the runner's sequence)."""
+        """Median ms of one forward over n nodes after `context` cached tokens: the cost model
+        t(n) of this machine (resets the runner's sequence). shape "tree": every node has up to
+        4 children, breadth first (4D mask path); "chain": one path (causal path)."""
         import statistics
         import time
 
+        if shape not in ("tree", "chain"):
+            raise ValueError(f"shape must be 'tree' or 'chain', got {shape!r}")
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.vocab_size, (context + 1,), generator=g).tolist()
         self.prefill(ids)
         out = {}
         for n in sizes:
-            tree = TokenTree.from_parents(
-                ids[-1:] + ids[: n - 1], [-1] + [(i - 1) // 4 for i in range(1, n)]
-            )
+            if shape == "chain":
+                tree = TokenTree.chain(ids[-1], ids[: n - 1])
+            else:
+                tree = TokenTree.from_parents(
+                    ids[-1:] + ids[: n - 1], [-1] + [(i - 1) // 4 for i in range(1, n)]
+                )
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()

@@ -51,6 +51,9 @@ def test_grouped_logits_are_the_full_logits_on_the_selected_groups():
         assert set(ids[n].tolist()) == set(head.group_tokens[top[n]].flatten().tolist())
     groups = head.group_tokens.flatten()
     assert sorted(groups.tolist()) == list(range(16))  # a partition of the vocabulary
+    of = head.token_groups()
+    for g in range(head.config.num_groups):
+        assert (of[head.group_tokens[g]] == g).all()
 
 
 def test_checkpoint_round_trip_and_wrong_target(tmp_path):

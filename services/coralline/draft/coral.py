@@ -203,6 +203,13 @@ class CoralHead(nn.Module):
         )
         self._grouped_rows = None
 
+    def token_groups(self) -> torch.Tensor:  # [V] int64: the group of every token id
+        groups = torch.empty(self.config.vocab_size, dtype=torch.int64)
+        groups[self.group_tokens.flatten()] = torch.arange(
+            self.config.num_groups
+        ).repeat_interleave(self.config.group_size)
+        return groups
+
     @staticmethod
     def _need(t: torch.Tensor | None) -> torch.Tensor:
         if t is None:

@@ -45,7 +45,8 @@ class CostModel:
     """Relative cost of one round: target forward over n nodes + the draft's work."""
 
     table: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_COST))
-    draft_cost: float = 0.3  # drafting a tree, in units of t(1) (updated by the drafter)
+    draft_cost: float = 0.3  # drafting a tree, in units of t(1); fixed, so a seed reproduces
+    # a generation (observe_draft_ms calibrates it explicitly, e.g. after a warm-up)
     t1_ms: float = 51.0  # one plain target step in ms (SmolLM2 fp32, 2-core CPU, bench engine)
 
     @classmethod

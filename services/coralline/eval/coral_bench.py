@@ -44,10 +44,7 @@ def heldout_prompts(tokenizer, n: int, max_prompt_tokens: int = 160) -> list[str
 def router_hit_rate(head, runner, prompts_ids: list[list[int]]) -> float:
     """Share of positions whose target argmax lies in the router's selected groups."""
     hits = total = 0
-    groups = torch.empty(head.config.vocab_size, dtype=torch.int64)
-    groups[head.group_tokens.flatten()] = torch.arange(head.config.num_groups).repeat_interleave(
-        head.config.group_size
-    )
+    groups = head.token_groups()  # [V]
     with torch.inference_mode():
         for ids in prompts_ids:
             t = torch.tensor([ids])

@@ -46,32 +46,14 @@ def _time_hf(model, ids, n, **kw):
 
 
 def cost_table(runner, context: int = 200, sizes=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)):
-    """t(n)/t(1): median forward time over n nodes after `context` cached tokens."""
-    from coralline.tree import TokenTree
-
-    ids = [int(t) for t in torch.randint(100, 20000, (context + 1,), generator=None)]
-    runner.prefill(ids)
+    """t(n)/t(1) for chain- and tree-shaped inputs (TargetRunner.forward_costs)."""
     rows = []
     for shape in ("chain", "tree"):
-        for n in sizes:
-            if shape == "chain":
-                tree = TokenTree.chain(ids[-1], [7] * (n - 1))
-            else:  # a bushy tree: every node has up to 4 children, breadth first
-                tree = TokenTree.from_parents(
-                    [ids[-1]] + [7] * (n - 1), [-1] + [(i - 1) // 4 for i in range(1, n)]
-                )
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                runner.tree_forward(tree)
-                runner.rollback()
-                times.append(time.perf_counter() - t0)
-            rows.append({"shape": shape, "n": n, "ms": statistics.median(times) * 1e3})
-    for shape in ("chain", "tree"):
-        base = next(r["ms"] for r in rows if r["shape"] == shape and r["n"] == 1)
-        for r in rows:
-            if r["shape"] == shape:
-                r["ratio"] = round(r["ms"] / base, 3)
+        ms = runner.forward_costs(sizes, context=context, shape=shape)
+        rows += [
+            {"shape": shape, "n": n, "ms": t, "ratio": round(t / ms[min(ms)], 3)}
+            for n, t in ms.items()
+        ]
     return rows
 
 

@@ -312,10 +312,7 @@ def train_router(head: CoralHead, convs: list[dict], cfg: TrainConfig, log=print
     for p in head.router.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(head.router.parameters(), lr=cfg.router_lr)
-    groups = torch.empty(head.config.vocab_size, dtype=torch.int64)
-    groups[head.group_tokens.flatten()] = torch.arange(head.config.num_groups).repeat_interleave(
-        head.config.group_size
-    )
+    groups = head.token_groups()  # [V]
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.router_epochs):
         bar = tqdm(

@@ -104,7 +104,7 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
     import torch
 
     from coralline import models
-    from coralline.train.features import DumpConfig, dump
+    from coralline.train.features import DumpConfig, dump, dumped_tokens
     from coralline.train.trainer import TrainConfig, train
 
     torch.set_num_threads(args.threads)
@@ -124,10 +124,12 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
         router=not args.no_router,
         seed=args.seed,
         max_conversations=args.max_conversations,
+        lr=args.lr,
+        init=args.init or "",
     )
     from pathlib import Path
 
-    if not (Path(features) / "DONE").exists():
+    if dumped_tokens(features) < args.max_tokens:  # absent, unfinished or shorter: (re)dump
         dump(DumpConfig(out_dir=features, model=args.model, max_total_tokens=args.max_tokens))
     out = train(tcfg)
     print(f"checkpoint: {out}")
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-conversations", type=int, default=0, help="0 = all (for quick runs)")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--init", default=None, help="warm start from this checkpoint (same target)")
     t.set_defaults(fn=_cmd_train_draft)
 
     ev = sub.add_parser("eval", help="quality evaluation: followeval, ifeval, lossless")

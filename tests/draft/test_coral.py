@@ -9,7 +9,7 @@ from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
 from coralline.engine import Engine, generate_ids
 from coralline.sampling import SamplingParams
 from coralline.target import TargetRunner
-from coralline.train.trainer import TrainConfig, csra_loss, evaluate_loss, fit
+from coralline.train.trainer import TrainConfig, csra_loss, evaluate_loss, fit, warm_start
 
 from ..tiny import tiny_llama
 
@@ -69,6 +69,25 @@ def test_checkpoint_round_trip_and_wrong_target(tmp_path):
         CoralHead.load(tmp_path / "ckpt").attach(other)
     with pytest.raises(ValueError, match="not a CORAL checkpoint"):
         CoralHead.load(tmp_path)
+
+
+def test_warm_start_loads_a_previous_head_and_refuses_another_target(tmp_path):
+    target, head = _head()
+    with torch.no_grad():
+        head.fc.weight.add_(1.0)
+    head.save(tmp_path / "prev")
+    _, fresh = _head()  # same target, new random weights
+    fresh.grouped_logits(torch.randn(2, fresh.config.hidden_size))  # builds the permuted rows
+    warm_start(fresh, tmp_path / "prev", log=lambda *_: None)
+    assert torch.allclose(fresh.fc.weight, head.fc.weight, atol=1e-2)  # fp16 on disk
+    feats = torch.randn(3, head.config.hidden_size)
+    ids_a, logits_a = fresh.grouped_logits(feats)
+    ids_b, logits_b = head.grouped_logits(feats)
+    assert torch.equal(ids_a, ids_b) and torch.allclose(logits_a, logits_b, atol=5e-2)
+    other = tiny_llama(16, seed=99)
+    stranger = CoralHead(config_for_target(other, "other", num_groups=4, active_groups=2))
+    with pytest.raises(ValueError, match="was trained for tiny"):
+        warm_start(stranger.attach(other), tmp_path / "prev", log=lambda *_: None)
 
 
 def test_csra_scores_aligned_pairs_higher():

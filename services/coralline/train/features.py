@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -43,6 +44,16 @@ def _examples(tokenizer, cfg: DumpConfig) -> Iterator[Example]:
             yield ex
 
 
+def _stream_keys(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("out_dir", "max_total_tokens")}
+
+
+def dumped_tokens(folder: str | Path) -> int:
+    """Tokens in a finished dump (0 when unfinished or absent)."""
+    done = Path(folder) / "DONE"
+    return int(done.read_text()) if done.exists() else 0
+
+
 def dump(cfg: DumpConfig) -> Path:
     from coralline.target import TargetConfig, TargetRunner
 
@@ -55,8 +66,12 @@ def dump(cfg: DumpConfig) -> Path:
         "hidden_size": runner.hidden_size,
         "vocab_size": runner.vocab_size,
     }
-    if meta_path.exists() and json.loads(meta_path.read_text())["config"] != meta["config"]:
-        raise ValueError(f"{out} holds a dump made with another config; use another --out")
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())["config"]
+        # a dump is a prefix of one stream of conversations: raising max_total_tokens extends it
+        if _stream_keys(old) != _stream_keys(meta["config"]):
+            raise ValueError(f"{out} holds a dump made with another config; use another --out")
+        (out / "DONE").unlink(missing_ok=True)
     meta_path.write_text(json.dumps(meta, indent=2))
     bar = tqdm(
         total=cfg.max_total_tokens, unit="tok", desc="dumping target features", file=sys.stderr
@@ -80,9 +95,9 @@ def dump(cfg: DumpConfig) -> Path:
 def _write_shard(runner, out: Path, shard: int, batch: list[Example], bar) -> None:
     path = out / f"shard_{shard:05d}.safetensors"
     n_tok = sum(len(e.input_ids) for e in batch)
-    if path.exists():  # resume: this shard is done
+    if path.exists() and _shard_len(path) == len(batch):  # resume: this shard is done
         bar.update(n_tok)
-        return
+        return  # (a shorter last shard of a smaller dump is rewritten whole)
     feats, ids, mask, offsets = [], [], [], [0]
     with torch.inference_mode():
         for ex in batch:
@@ -104,6 +119,11 @@ def _write_shard(runner, out: Path, shard: int, batch: list[Example], bar) -> No
         str(tmp),
     )
     os.replace(tmp, path)
+
+
+def _shard_len(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice("offsets").get_shape()[0] - 1
 
 
 def load_shards(folder: str | Path) -> list[dict[str, torch.Tensor]]:

@@ -60,6 +60,8 @@ class TrainConfig:
     topk_weight: float = 1.0
     router: bool = True
     router_epochs: int = 1
+    router_conversations: int = 800  # the router stage reads this many (0 = all): it converges
+    # long before an epoch of a large dump, and costs a full LM head per position
     lr: float = 1e-3  # best of 3e-4 / 1e-3 / 2e-3 on 120 conversations (top-1 .17 / .22 / .20)
     router_lr: float = 1e-3
     warmup: int = 50
@@ -68,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     max_conversations: int = 0  # 0 = all in the dump
+    init: str = ""  # warm start: a checkpoint folder (its fp32 train_state.pt when present)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -206,12 +209,32 @@ def train(cfg: TrainConfig, log=print) -> Path:
     ).attach(target)
     head.norm.load_state_dict(target.model.norm.state_dict())
     head.init_groups(seed=cfg.seed)
+    if cfg.init:
+        warm_start(head, cfg.init, log)
     history = fit(head, convs, cfg, out / "train_state.pt", log)
     if cfg.router:
         train_router(head, convs, cfg, log)
     head.save(out)
     (out / "history.json").write_text(json.dumps(history, indent=1))
     return out
+
+
+def warm_start(head: CoralHead, folder: str | Path, log=print) -> None:
+    """Load a previous head's weights (same target) before training: several short runs chain
+    into a longer one. Prefers the fp32 train_state.pt of a run folder over its fp16 export."""
+    folder = Path(folder)
+    prev = CoralHead.load(folder)  # validates the checkpoint format
+    if prev.config.target_hash != head.config.target_hash:
+        raise ValueError(
+            f"{folder} was trained for {prev.config.target} ({prev.config.target_hash}), "
+            f"not {head.config.target} ({head.config.target_hash})"
+        )
+    state = prev.state_dict()
+    if (folder / "train_state.pt").exists():
+        state = torch.load(folder / "train_state.pt", weights_only=False)["head"]
+    head.load_state_dict(state)
+    head._grouped_rows = None  # the group order may have changed: rebuild the permuted rows
+    log(f"warm start from {folder}")
 
 
 def fit(
@@ -315,8 +338,9 @@ def train_router(head: CoralHead, convs: list[dict], cfg: TrainConfig, log=print
     groups = head.token_groups()  # [V]
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.router_epochs):
+        subset = convs[: cfg.router_conversations] if cfg.router_conversations else convs
         bar = tqdm(
-            convs, desc=f"router {epoch + 1}/{cfg.router_epochs}", file=sys.stderr, unit="conv"
+            subset, desc=f"router {epoch + 1}/{cfg.router_epochs}", file=sys.stderr, unit="conv"
         )
         run = None
         for conv in bar:

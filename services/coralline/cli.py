@@ -127,7 +127,6 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
         lr=args.lr,
         init=args.init or "",
     )
-    from pathlib import Path
 
     if dumped_tokens(features) < args.max_tokens:  # absent, unfinished or shorter: (re)dump
         dump(DumpConfig(out_dir=features, model=args.model, max_total_tokens=args.max_tokens))

@@ -72,7 +72,7 @@ def test_checkpoint_round_trip_and_wrong_target(tmp_path):
 
 
 def test_warm_start_loads_a_previous_head_and_refuses_another_target(tmp_path):
-    target, head = _head()
+    _target, head = _head()
     with torch.no_grad():
         head.fc.weight.add_(1.0)
     head.save(tmp_path / "prev")

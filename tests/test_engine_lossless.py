@@ -26,7 +26,7 @@ from .tiny import perturbed, tiny_llama
 from .verification.test_exact import BonusFromOriginalRow
 
 VOCAB, LENGTH, RUNS = 8, 2, 3000
-ALPHA = 1e-3 / 9  # Bonferroni across the 9 positive cases of this file
+ALPHA = 1e-3 / 11  # Bonferroni across the 11 positive cases of this file
 PROMPT = [1, 6, 3]
 
 
@@ -79,7 +79,12 @@ def _drafter(kind, models):
     head = CoralHead(cfg).attach(target_model)
     head.init_groups()
     config = CoralDrafterConfig(
-        depth=2, max_nodes=8, budget="max", draft_top_k=6, grouped=kind == "coral-grouped"
+        depth=2,
+        max_nodes=8,
+        budget="max",
+        draft_top_k=6,
+        grouped=kind in ("coral-grouped", "coral-chain"),
+        chain=kind == "coral-chain",
     )
     return CoralDrafter(head, config)
 
@@ -121,8 +126,16 @@ def test_engine_sampling_matches_the_target_law(models, verifier, params):
         ("coral", "traversal", PARAMS[0]),
         ("coral-grouped", "traversal", PARAMS[1]),
         ("coral", "rrsw", PARAMS[1]),
+        ("coral-chain", "token_level", PARAMS[0]),
+        ("coral-chain", "block", PARAMS[1]),
     ],
-    ids=["coral-traversal-T1", "coral-grouped-traversal-topp", "coral-rrsw-topp"],
+    ids=[
+        "coral-traversal-T1",
+        "coral-grouped-traversal-topp",
+        "coral-rrsw-topp",
+        "coral-chain-token_level-T1",
+        "coral-chain-block-topp",
+    ],
 )
 def test_coral_drafter_with_sampled_trees_is_lossless(models, drafter, verifier, params):
     """The whole CORAL drafter (template trees, SWOR children, truncated and grouped draft

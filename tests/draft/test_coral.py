@@ -143,3 +143,19 @@ def test_greedy_coral_equals_target_greedy_on_a_tiny_model():
             head, CoralDrafterConfig(depth=3, top_k=3, max_nodes=10, grouped=grouped)
         )
         assert generate_ids(Engine(runner, drafter), ids, SamplingParams(max_new_tokens=20)) == ref
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chain_drafter_proposes_single_paths(temperature):
+    target, head = _head(seed=5)
+    runner = TargetRunner(target, None)
+    drafter = CoralDrafter(head, CoralDrafterConfig(depth=4, max_nodes=10, chain=True))
+    assert drafter.chain_only and drafter.name == "coral-chain"
+    ids = [1, 3, 5, 7]
+    feats = runner.prefill(ids)  # [3, d]: features of the committed tokens before the root
+    params = SamplingParams(temperature=temperature, max_new_tokens=8)
+    gen = torch.Generator().manual_seed(0)
+    prop = drafter.propose(ids, feats, params, gen)
+    assert prop.tree.num_nodes > 1
+    assert all(len(c) <= 1 for c in prop.tree.children)  # a chain
+    assert (prop.rows is None) == (temperature == 0.0)

@@ -53,6 +53,8 @@ class CoralDrafterConfig:
     budget: str = "auto"  # "auto" = the cost-model chooser; "max" = always max_nodes
     grouped: bool = False  # use the router + grouped LM head
     draft_top_k: int = 32  # support of sampled draft rows (SparseRows K)
+    chain: bool = False  # one child per node (a single draft sequence): what the chain-only
+    # verifiers (token_level, block) need; T = 0 keeps the best child, T > 0 draws one
     min_value: float = 0.3  # auto budget: stop expanding when no new node is expected to be
     # accepted with probability above this (calibrated path probability): a head forward per
     # layer costs more than such nodes return (0.05 / 0.15 / 0.3 measured 0.85 / 0.93 / 0.99x
@@ -67,7 +69,6 @@ class CoralDrafterConfig:
 
 class CoralDrafter:
     tree_kind = "sampled_swor"
-    chain_only = False
 
     def __init__(
         self,
@@ -78,8 +79,12 @@ class CoralDrafter:
         self.head = head.eval()
         self.config = config or CoralDrafterConfig()
         self.cost = cost or CostModel()
-        # the registry's names: coral (grouped head), coral-full, coral-eagle2 (fixed 60 nodes)
-        if self.config.grouped:
+        self.chain_only = self.config.chain
+        # the registry's names: coral (grouped head), coral-full, coral-eagle2 (fixed 60 nodes),
+        # coral-chain (grouped head, one draft sequence)
+        if self.config.chain:
+            self.name = "coral-chain"
+        elif self.config.grouped:
             self.name = "coral"
         else:
             self.name = "coral-eagle2" if self.config.budget == "max" else "coral-full"
@@ -202,7 +207,8 @@ class CoralDrafter:
                     outs[n] = out[k]
             feats = torch.stack([outs[n] for n in frontier])
             ids, probs = self._dist(feats, params)
-            top = torch.topk(probs, min(cfg.top_k, probs.shape[1]), dim=1)
+            width = 1 if cfg.chain else cfg.top_k
+            top = torch.topk(probs, min(width, probs.shape[1]), dim=1)
             layer = []
             for f, n in enumerate(frontier):
                 for v, j in zip(top.values[f].tolist(), top.indices[f].tolist(), strict=True):
@@ -245,13 +251,14 @@ class CoralDrafter:
     def _sampled(self, root: int, params: SamplingParams, gen: torch.Generator) -> DraftProposal:
         """A template fixed before drawing; SWOR children from truncated warped draft rows."""
         cfg = self.config
-        full = template_values(self.stats.alpha, cfg.max_nodes, cfg.depth)
+        alpha = self.stats.alpha[:1] if cfg.chain else self.stats.alpha
+        full = template_values(alpha, cfg.max_nodes, cfg.depth)
         budget = (
             cfg.max_nodes
             if cfg.budget == "max"
             else choose_budget(sorted(full, reverse=True), self.cost, 1.0, max_nodes=cfg.max_nodes)
         )
-        shape = template(self.stats.alpha, budget, cfg.depth)  # parents of template nodes
+        shape = template(alpha, budget, cfg.depth)  # rank 0 only when cfg.chain: a chain  # parents of template nodes
         kids: list[list[int]] = [[] for _ in shape]
         for i, p in enumerate(shape[1:], start=1):
             kids[p].append(i)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-DRAFTERS = ("coral", "coral-full", "coral-eagle2", "ngram", "ngram-tree", "none")
+DRAFTERS = ("coral", "coral-full", "coral-eagle2", "coral-chain", "ngram", "ngram-tree", "none")
 
 
 def shipped_head(model: str):
@@ -22,6 +22,7 @@ def make_drafter(name: str, target=None, checkpoint: str | None = None):
     coral          the CORAL head with the grouped LM head, tree size by the budget chooser
     coral-full     the same with the full LM head
     coral-eagle2   the full LM head and EAGLE-2's fixed tree (depth 6, top-k 10, 60 nodes)
+    coral-chain    the grouped head drafting one sequence (for the chain-only verifiers)
     """
     from coralline.draft.ngram import NgramConfig, NgramDrafter
 
@@ -31,7 +32,7 @@ def make_drafter(name: str, target=None, checkpoint: str | None = None):
         return NgramDrafter()
     if name == "ngram-tree":
         return NgramDrafter(NgramConfig(max_paths=4))
-    if name in ("coral", "coral-full", "coral-eagle2"):
+    if name.startswith("coral"):
         from coralline.draft.coral import CoralHead
         from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
 
@@ -49,6 +50,7 @@ def make_drafter(name: str, target=None, checkpoint: str | None = None):
             "coral": CoralDrafterConfig(grouped=True),
             "coral-full": CoralDrafterConfig(grouped=False),
             "coral-eagle2": CoralDrafterConfig(budget="max", grouped=False),
+            "coral-chain": CoralDrafterConfig(grouped=True, chain=True),
         }[name]
         return CoralDrafter(head, config)
     raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")

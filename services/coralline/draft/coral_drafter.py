@@ -258,7 +258,7 @@ class CoralDrafter:
             if cfg.budget == "max"
             else choose_budget(sorted(full, reverse=True), self.cost, 1.0, max_nodes=cfg.max_nodes)
         )
-        shape = template(alpha, budget, cfg.depth)  # rank 0 only when cfg.chain: a chain  # parents of template nodes
+        shape = template(alpha, budget, cfg.depth)  # template parents; a chain when cfg.chain
         kids: list[list[int]] = [[] for _ in shape]
         for i, p in enumerate(shape[1:], start=1):
             kids[p].append(i)

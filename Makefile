@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install model test test-fast lint format demo bench protos clean
+.PHONY: help install model test test-fast lint format demo bench bench-quick protos clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -56,9 +56,14 @@ format: install ## Apply ruff fixes and formatting
 demo: install model ## Stream SmolLM2 with speculation beside plain decoding (same run, same prompt)
 	$(PY) -m coralline.cli demo
 
-bench: install model ## Verifier cost (64 nodes, V = 49152) and engine vs HF on SmolLM2 (JSON in $(BENCH_OUT))
+bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL benches, in $(BENCH_OUT)
+	$(PY) -m coralline.cli bench all --out $(BENCH_OUT)
 	$(PY) -m coralline.cli bench verifiers --out $(BENCH_OUT)/verifiers.json
 	$(PY) -m coralline.cli bench engine --out $(BENCH_OUT)/engine.json
+	$(PY) -m coralline.cli bench coral --out $(BENCH_OUT)/coral.json
+
+bench-quick: install model ## The side-by-side bench in its quick mode (what CI runs), in $(BENCH_OUT)/quick
+	$(PY) -m coralline.cli bench all --quick --out $(BENCH_OUT)/quick
 
 clean: ## Remove the venv, caches and generated code
 	rm -rf $(VENV) .pytest_cache .ruff_cache services/coralline/_proto services/*.egg-info

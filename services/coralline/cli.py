@@ -85,7 +85,31 @@ def _cmd_exact(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "verifiers":
+    if args.what == "all":
+        from coralline.eval import bench, report
+
+        cfg = (bench.BenchConfig.quick if args.quick else bench.BenchConfig)(
+            **{
+                k: v
+                for k, v in {
+                    "model": args.model,
+                    "checkpoint": args.draft_checkpoint,
+                    "assistant": args.assistant,
+                    "prompts_per_set": args.prompts_per_set,
+                    "max_new_tokens": args.max_new_tokens,
+                    "t1_seeds": args.t1_seeds,
+                    "ifeval_data": args.ifeval_data,
+                    "device": args.device,
+                    "threads": args.threads,
+                }.items()
+                if v is not None
+            }
+        )
+        rep = bench.run(cfg, command="coralline " + " ".join(sys.argv[1:]))
+        print(report.markdown(rep).split("\n![")[0])
+        for path in report.write(rep, args.out or "bench/out"):
+            print(f"wrote {path}")
+    elif args.what == "verifiers":
         from coralline.eval import verifier_bench
 
         verifier_bench.main(args.out)
@@ -200,11 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("exact", help="exact expected acceptance of every verifier (toy models)")
     e.set_defaults(fn=_cmd_exact)
 
-    b = sub.add_parser("bench", help="benchmarks (JSON + a printed table)")
-    b.add_argument("what", choices=["verifiers", "engine", "coral"], help="which benchmark")
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks: every method side by side (default), or one component",
+        description="all (default): HF peers, engine, n-gram, CORAL and the verifiers at T = 0 "
+        "and T = 1 on the same prompts -> OUT/bench.json, bench.md and PNG plots. verifiers / "
+        "engine / coral: focused benchmarks -> a JSON file at --out.",
+    )
+    b.add_argument(
+        "what", nargs="?", default="all", choices=["all", "verifiers", "engine", "coral"]
+    )
+    b.add_argument("--out", default=None, help="all: a folder (bench/out); others: a JSON file")
+    b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (what CI runs)")
     b.add_argument("--ablation", action="append", help="coral: another checkpoint to compare")
-    b.add_argument("--out", default=None, help="write the JSON report here")
-    b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (CI)")
+    b.add_argument("--model", default=None, help="all: the target (default SmolLM2-135M)")
+    b.add_argument("--draft-checkpoint", default=None, help="all: a CORAL head folder")
+    b.add_argument("--assistant", default=None, help="all: HF assisted generation's draft model")
+    b.add_argument("--prompts-per-set", type=int, default=None, help="all: default 3 (quick 1)")
+    b.add_argument("--max-new-tokens", type=int, default=None, help="all: default 96 (quick 24)")
+    b.add_argument("--t1-seeds", type=int, default=None, help="all: seeds per prompt at T = 1")
+    b.add_argument("--ifeval-data", default=None, help="all: IFEval input_data.jsonl")
+    b.add_argument("--device", default=None, help="all: cpu (default) or cuda")
+    b.add_argument("--threads", type=int, default=None, help="all: torch threads (default 1)")
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser(

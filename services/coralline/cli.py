@@ -132,11 +132,17 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
     from coralline.train.trainer import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    features = args.features or str(
-        models.cache_dir() / "features" / f"{args.model}-sharegpt-{args.max_tokens}"
-    )
-    tcfg = TrainConfig(  # validated before the long feature dump starts
-        features=features,
+    cache = models.cache_dir()
+    sharegpt = args.features or str(cache / "features" / f"{args.model}-sharegpt")
+    folders = [sharegpt] if args.max_tokens > 0 else []
+    selfdistill = None
+    if args.self_distill:
+        selfdistill = cache / "selfdistill" / f"{args.model}-greedy.jsonl"
+        folders.append(str(cache / "features" / f"{args.model}-selfdistill"))
+    if not folders:
+        raise ValueError("no training data: --max-tokens 0 needs --self-distill N")
+    tcfg = TrainConfig(  # validated before the long data steps start
+        features=",".join(folders),
         out=args.out,
         model=args.model,
         steps=1 if args.no_hass else args.steps,
@@ -151,9 +157,22 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
         lr=args.lr,
         init=args.init or "",
     )
+    if args.max_tokens > 0 and dumped_tokens(sharegpt) < args.max_tokens:
+        # absent, unfinished or smaller than asked: (re)dump; finished shards are kept
+        dump(DumpConfig(out_dir=sharegpt, model=args.model, max_total_tokens=args.max_tokens))
+    if selfdistill is not None:
+        from coralline.train.selfdistill import SelfDistillConfig, generate
 
-    if dumped_tokens(features) < args.max_tokens:  # absent, unfinished or shorter: (re)dump
-        dump(DumpConfig(out_dir=features, model=args.model, max_total_tokens=args.max_tokens))
+        sd = SelfDistillConfig(out=str(selfdistill), model=args.model, prompts=args.self_distill)
+        generate(sd)
+        sd_dump = DumpConfig(
+            out_dir=folders[-1],
+            model=args.model,
+            max_tokens=448,  # prompt (<= 192) + answer (<= 256)
+            max_total_tokens=10**9,  # the whole file
+            data=str(selfdistill),
+        )
+        dump(sd_dump)
     out = train(tcfg)
     print(f"checkpoint: {out}")
     return 0
@@ -254,8 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out", required=True, help="checkpoint folder (resumes when it exists)")
     t.add_argument("--model", default="smollm2-135m-instruct")
-    t.add_argument("--features", default=None, help="feature dump folder (default: cache)")
-    t.add_argument("--max-tokens", type=int, default=300_000, help="tokens of training data")
+    t.add_argument("--features", default=None, help="ShareGPT feature dump folder (default: cache)")
+    t.add_argument(
+        "--max-tokens", type=int, default=300_000, help="tokens of ShareGPT data (0 = none)"
+    )
+    t.add_argument(
+        "--self-distill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train on the target's greedy answers to N ShareGPT training prompts",
+    )
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--distill-epochs", type=int, default=1)
     t.add_argument("--steps", type=int, default=3, help="HASS multi-step depth")

@@ -35,9 +35,15 @@ class DumpConfig:
     max_total_tokens: int = 300_000  # ~25 min of fp32 forwards on one CPU thread
     shard_size: int = 64  # conversations per shard: a resume loses at most one shard of work
     heldout_fraction: float = 0.02  # held-out conversations are never dumped for training
+    data: str = "sharegpt"  # or a self-distillation JSONL file (train/selfdistill.py)
 
 
 def _examples(tokenizer, cfg: DumpConfig) -> Iterator[Example]:
+    if cfg.data != "sharegpt":
+        from coralline.train.selfdistill import load_examples
+
+        yield from load_examples(cfg.data, cfg.max_tokens)
+        return
     for conv in conversations("train", cfg.heldout_fraction):
         ex = render(tokenizer, conv, cfg.max_tokens)
         if ex is not None:
@@ -45,6 +51,7 @@ def _examples(tokenizer, cfg: DumpConfig) -> Iterator[Example]:
 
 
 def _stream_keys(config: dict) -> dict:
+    config = {"data": "sharegpt", **config}  # dumps made before `data` existed
     return {k: v for k, v in config.items() if k not in ("out_dir", "max_total_tokens")}
 
 

@@ -45,7 +45,7 @@ from coralline.train.features import load_shards
 
 @dataclass(frozen=True)
 class TrainConfig:
-    features: str  # folder written by features.dump
+    features: str  # folder(s) written by features.dump, comma-separated
     out: str  # checkpoint folder
     model: str = "smollm2-135m-instruct"
     steps: int = 3  # HASS steps; 1 = plain EAGLE training
@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     target, _ = models.load(cfg.model)
     for p in target.parameters():
         p.requires_grad_(False)
-    convs = load_shards(cfg.features)
+    convs = [c for folder in cfg.features.split(",") for c in load_shards(folder)]
     if cfg.max_conversations:
         convs = convs[: cfg.max_conversations]
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("features", "out")}

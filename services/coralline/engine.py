@@ -18,8 +18,10 @@ text of each chunk, through the target's tokenizer.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from coralline.draft.base import Drafter, DraftProposal, check_pair, default_verifier
 from coralline.sampling import SamplingParams, make_generator
@@ -118,6 +120,9 @@ class Engine:
         self.target = target
         self.drafter = drafter
         self.config = config or EngineConfig()
+        # research hook: called each round as on_round(tree, target_rows [N, V], draft_rows)
+        # just before verification (e.g. to score other verifiers on the very same trees)
+        self.on_round: Callable[[TokenTree, torch.Tensor, object], None] | None = None
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None
@@ -172,6 +177,8 @@ class Engine:
             t1 = time.perf_counter()
             out = target.tree_forward(tree)
             rows = out.probs(params)  # [N, V]
+            if self.on_round is not None:
+                self.on_round(tree, rows, proposal.rows)
             result = verify(tree, rows, proposal.rows, g_verify, check=self.config.check_inputs)
             target.commit(result.accepted)
             t2 = time.perf_counter()

@@ -159,3 +159,21 @@ def test_chain_drafter_proposes_single_paths(temperature):
     assert prop.tree.num_nodes > 1
     assert all(len(c) <= 1 for c in prop.tree.children)  # a chain
     assert (prop.rows is None) == (temperature == 0.0)
+
+
+def test_paired_verifier_tau_scores_every_round_of_the_run():
+    from coralline.engine import EngineConfig
+    from coralline.eval.coral_bench import paired_verifier_tau
+
+    target, head = _head(seed=5)
+    runner = TargetRunner(target, None)
+    drafter = CoralDrafter(head, CoralDrafterConfig(depth=3, max_nodes=8, budget="max"))
+    engine = Engine(runner, drafter, EngineConfig(verifier="traversal"))
+    seen = []
+    engine.on_round = lambda tree, rows, draft: seen.append(tree.num_nodes)
+    generate_ids(engine, [1, 3, 5, 7], SamplingParams(temperature=1.0, seed=0, max_new_tokens=12))
+    res = paired_verifier_tau(engine, [[1, 3, 5, 7]], ["traversal", "rrsw"], 1, 12, draws=8)
+    assert engine.on_round is None  # the hook is removed afterwards
+    assert res["traversal"]["rounds"] == res["rrsw"]["rounds"] == len(seen)  # same seed, same run
+    for v in ("traversal", "rrsw"):
+        assert 1.0 <= res[v]["tau"] <= 1 + 3

@@ -4,7 +4,8 @@
   the budget chooser (full LM head) and with the budget chooser + grouped LM head: tau,
   tokens/s, speedup over plain measured side by side, draft LM-head ms per round, and whether
   every output equals plain greedy decoding;
-- T = 1: sampled trees verified by traversal vs RRSw (same prompts, same seeds): tau each;
+- T = 1: sampled trees verified by traversal vs RRSw (same prompts, same seeds): tau each; and
+  every verifier scored on the very same trees (paired_verifier_tau), trees and chains;
 - the router's hit rate: share of held-out assistant positions whose target argmax token lies in
   the groups the router selects from the head's own step-1 feature;
 - optional ablations: the same T = 0 figures for other checkpoints (EAGLE / +HASS / +CSRA ...).
@@ -59,6 +60,50 @@ def router_hit_rate(head, runner, prompts_ids: list[list[int]]) -> float:
             hits += int((top == want[:, None]).any(-1).sum())
             total += n
     return hits / max(1, total)
+
+
+def paired_verifier_tau(
+    engine,
+    prompts_ids: list[list[int]],
+    verifiers: list[str],
+    seeds: int,
+    n_tokens: int,
+    draws: int = 32,
+) -> dict[str, dict]:
+    """Expected tau of each verifier on the SAME draft trees (T = 1).
+
+    The engine (its own verifier drives the trajectory) generates; at every round each listed
+    verifier is run `draws` times on that round's tree, target rows and draft rows with fresh
+    coins, and its mean accepted length is recorded. Averaging over rounds gives each
+    verifier's tau on one common distribution of trees, without the noise of separate
+    trajectories (the gap between verifiers is a few percent; separate runs cannot resolve it).
+    """
+    from coralline.sampling import SamplingParams
+    from coralline.verification import get_verifier
+
+    fns = {v: get_verifier(v).fn for v in verifiers}
+    sums = dict.fromkeys(verifiers, 0.0)
+    rounds = 0
+    coins = torch.Generator().manual_seed(12345)
+
+    def score(tree, rows, draft_rows):
+        nonlocal rounds
+        rounds += 1
+        for v, fn in fns.items():
+            total = 0
+            for _ in range(draws):
+                total += fn(tree, rows, draft_rows, coins, check=False).num_accepted
+            sums[v] += total / draws
+
+    engine.on_round = score
+    try:
+        for ids in prompts_ids:
+            for seed in range(seeds):
+                p = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=n_tokens)
+                timed_generate(engine, ids, p)
+    finally:
+        engine.on_round = None
+    return {v: {"tau": 1 + sums[v] / max(1, rounds), "rounds": rounds} for v in verifiers}
 
 
 def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print) -> dict:
@@ -134,6 +179,26 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
                 rounds += s.rounds
         t1[verifier] = {"tau": 1 + acc / rounds, "rounds": rounds}
     t1["traversal_gain_percent"] = 100 * (t1["traversal"]["tau"] / t1["rrsw"]["tau"] - 1)
+    # the same comparison on identical trees (paired): trees, then chains
+    tree_engine = Engine(
+        runner,
+        CoralDrafter(head, CoralDrafterConfig(grouped=True)),
+        EngineConfig(verifier="traversal"),
+    )
+    paired = paired_verifier_tau(
+        tree_engine, encoded, ["traversal", "rrsw", "eagle"], seeds, n_tokens
+    )
+    paired["traversal_gain_percent"] = 100 * (
+        paired["traversal"]["tau"] / paired["rrsw"]["tau"] - 1
+    )
+    chain_engine = Engine(
+        runner,
+        CoralDrafter(head, CoralDrafterConfig(grouped=True, chain=True)),
+        EngineConfig(verifier="traversal"),
+    )
+    paired_chain = paired_verifier_tau(
+        chain_engine, encoded, ["traversal", "block", "token_level"], seeds, n_tokens
+    )
     hit = router_hit_rate(head, runner, encoded)
     ablation_rows = []
     for path in ablations or []:
@@ -163,6 +228,8 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
         "date": time.strftime("%Y-%m-%d"),
         "t0": t0_results,
         "t1": t1,
+        "t1_paired_trees": paired,
+        "t1_paired_chains": paired_chain,
         "router_hit_rate": hit,
         "ablations": ablation_rows,
     }
@@ -177,6 +244,18 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
     print_fn(
         f"T = 1 tau: traversal {t1['traversal']['tau']:.3f}, RRSw {t1['rrsw']['tau']:.3f} "
         f"({t1['traversal_gain_percent']:+.1f}%)"
+    )
+    print_fn(
+        "T = 1 tau on identical trees (paired): "
+        + ", ".join(f"{v} {paired[v]['tau']:.3f}" for v in ("traversal", "rrsw", "eagle"))
+        + f" (traversal vs RRSw {paired['traversal_gain_percent']:+.1f}%, "
+        f"{paired['traversal']['rounds']} rounds)"
+    )
+    print_fn(
+        "T = 1 tau on identical chains (paired): "
+        + ", ".join(
+            f"{v} {paired_chain[v]['tau']:.3f}" for v in ("traversal", "block", "token_level")
+        )
     )
     print_fn(f"router hit rate (target argmax in the selected groups): {hit:.3f}")
     for row in ablation_rows:

@@ -192,7 +192,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from coralline.eval.ifeval import default_data_path
 
         data = args.data or str(default_data_path())
-        report = run.ifeval(data, args.drafter, args.model, args.max_new_tokens, args.limit)
+        report = run.ifeval(
+            data,
+            args.drafter,
+            args.model,
+            args.max_new_tokens,
+            args.limit,
+            args.backend,
+            args.batch_size,
+        )
     else:
         report = run.lossless(
             args.data, args.drafter, args.model, args.max_new_tokens, args.limit, args.ifeval_limit
@@ -310,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--limit", type=int, default=0, help="first N items only (0 = all)")
     ev.add_argument("--ifeval-limit", type=int, default=20, help="lossless: IFEval prompts")
+    ev.add_argument(
+        "--backend",
+        choices=["engine", "hf-batched"],
+        default="engine",
+        help="ifeval: the engine with --drafter, or the target alone in HF batches (fast)",
+    )
+    ev.add_argument("--batch-size", type=int, default=32, help="ifeval --backend hf-batched")
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--out", default=None, help="write the JSON report here")
     ev.set_defaults(fn=_cmd_eval)

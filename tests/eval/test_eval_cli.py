@@ -80,3 +80,34 @@ def test_eval_followeval_and_ifeval_write_reports(tmp_path):
     assert "IFEval on 2 prompts" in res.stdout
     res = _cli("eval", "ifeval", "--data", "/nonexistent/input_data.jsonl")
     assert res.returncode == 2 and "no IFEval data" in res.stderr
+
+
+@pytest.mark.slow
+def test_ifeval_hf_batched_backend_scores_the_target_alone(tmp_path):
+    """The fast whole-set path: batched HF greedy; its answers match the engine's plain greedy
+    answers on these prompts (padding could flip a near-tie, which these do not have)."""
+    outs = {}
+    for backend in ("hf-batched", "engine"):
+        out = tmp_path / f"{backend}.json"
+        args = ["--backend", backend, "--batch-size", "2"] if backend == "hf-batched" else []
+        res = _cli(
+            "eval",
+            "ifeval",
+            "--drafter",
+            "none",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--data",
+            str(IFEVAL),
+            "--out",
+            str(out),
+            *args,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[backend] = json.loads(out.read_text())
+    hf, eng = outs["hf-batched"], outs["engine"]
+    assert hf["backend"] == "hf-batched" and hf["prompts"] == 3
+    assert [r["response"] for r in hf["responses"]] == [r["response"] for r in eng["responses"]]
+    assert hf["average_strict"] == eng["average_strict"]

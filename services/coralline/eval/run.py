@@ -61,20 +61,53 @@ def followeval(
     return report
 
 
-def ifeval(data: str, drafter: str | None, model: str, max_new_tokens: int, limit: int) -> dict:
+def ifeval(
+    data: str,
+    drafter: str | None,
+    model: str,
+    max_new_tokens: int,
+    limit: int,
+    backend: str = "engine",
+    batch_size: int = 32,
+) -> dict:
+    """backend "engine": the engine with the drafter (speculation); "hf-batched": the target
+    alone through batched HF greedy generation (fast for the whole set; see hf_batch.py)."""
     from coralline.eval import ifeval as ife
 
+    if backend not in ("engine", "hf-batched"):
+        raise ValueError("backend must be 'engine' or 'hf-batched'")
     prompts = ife.load_prompts(data)
     prompts = prompts[:limit] if limit else prompts
-    target, name, d = _engines(drafter, model)
-    texts, _, secs = _answers(
-        Engine(target, d), [p.prompt for p in prompts], max_new_tokens, f"ifeval ({name})"
-    )
+    if backend == "engine":
+        target, name, d = _engines(drafter, model)
+        texts, _, secs = _answers(
+            Engine(target, d), [p.prompt for p in prompts], max_new_tokens, f"ifeval ({name})"
+        )
+    else:
+        from coralline.hf_batch import greedy_batches
+        from coralline.target import TargetConfig, TargetRunner
+
+        target = TargetRunner.load(TargetConfig(model=model))
+        name = f"none (HF generate, batches of {batch_size})"
+        t0 = time.perf_counter()
+        encoded = [target.encode(p.prompt) for p in prompts]
+        answers = [
+            a
+            for batch in greedy_batches(
+                target.model, encoded, max_new_tokens, batch_size, desc="ifeval (hf-batched)"
+            )
+            for a in batch
+        ]
+        texts = [target.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        secs = time.perf_counter() - t0
     report = {
         "drafter": name,
+        "backend": backend,
         "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
         "seconds": secs,
         **ife.score(prompts, texts),
+        "responses": [{"key": p.key, "response": t} for p, t in zip(prompts, texts, strict=True)],
     }
     print(
         f"IFEval on {len(prompts)} prompts ({name}): "

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
+
+from coralline.hf_batch import greedy_batches
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,6 @@ def generate(cfg: SelfDistillConfig) -> Path:
     model, tok = models.load(cfg.model)
     if tok is None:
         raise ValueError(f"{cfg.model} has no tokenizer: self-distillation needs one")
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
     todo: list[tuple[str, list[int]]] = []
     for k, item in enumerate(_prompts(tok, cfg)):
         if k >= cfg.prompts:
@@ -75,40 +73,21 @@ def generate(cfg: SelfDistillConfig) -> Path:
     bar = tqdm(
         total=cfg.prompts, initial=done, desc="self-distillation", unit="prompt", file=sys.stderr
     )
-    # batches keep the prompt order (resume counts lines), sorted inside by length for padding
-    for b in range(0, len(todo), cfg.batch_size):
-        batch = todo[b : b + cfg.batch_size]
-        order = sorted(range(len(batch)), key=lambda i: len(batch[i][1]))
-        width = max(len(ids) for _, ids in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        att = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(order):
-            p = batch[i][1]
-            ids[r, width - len(p) :] = torch.tensor(p)
-            att[r, width - len(p) :] = 1
-        with torch.inference_mode():
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=att,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )[:, width:]
-        lines = [""] * len(batch)
-        for r, i in enumerate(order):
-            answer = []
-            for t in gen[r].tolist():
-                answer.append(t)
-                if t in eos:
-                    break
-            conv_id, prompt = batch[i]
-            lines[i] = json.dumps(
+    batches = greedy_batches(
+        model, [p for _, p in todo], cfg.max_new_tokens, cfg.batch_size, tok.pad_token_id
+    )
+    for b, answers in enumerate(batches):  # appended batch by batch: resume counts lines
+        batch = todo[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        lines = [
+            json.dumps(
                 {
                     "id": conv_id,
                     "input_ids": prompt + answer,
                     "loss_mask": [0] * len(prompt) + [1] * len(answer),
                 }
             )
+            for (conv_id, prompt), answer in zip(batch, answers, strict=True)
+        ]
         with out.open("a") as f:
             f.write("\n".join(lines) + "\n")
         bar.update(len(batch))

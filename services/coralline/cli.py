@@ -120,7 +120,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "coral":
         from coralline.eval import coral_bench
 
-        coral_bench.main(args.out, quick=args.quick, ablations=args.ablation)
+        coral_bench.main(
+            args.out,
+            quick=args.quick,
+            ablations=args.ablation,
+            checkpoint=args.draft_checkpoint,
+            ablation_only=args.ablation_only,
+        )
     return 0
 
 
@@ -264,8 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="all: a folder (bench/out); others: a JSON file")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (what CI runs)")
     b.add_argument("--ablation", action="append", help="coral: another checkpoint to compare")
+    b.add_argument(
+        "--ablation-only", action="store_true", help="coral: only plain + the --ablation heads"
+    )
     b.add_argument("--model", default=None, help="all: the target (default SmolLM2-135M)")
-    b.add_argument("--draft-checkpoint", default=None, help="all: a CORAL head folder")
+    b.add_argument(
+        "--draft-checkpoint", default=None, help="all, coral: a CORAL head (default: shipped)"
+    )
     b.add_argument("--assistant", default=None, help="all: HF assisted generation's draft model")
     b.add_argument("--prompts-per-set", type=int, default=None, help="all: default 3 (quick 1)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="all: default 96 (quick 24)")

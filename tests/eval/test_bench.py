@@ -99,3 +99,21 @@ def test_assistant_with_another_tokenizer_is_refused(tmp_path, smollm2):
     tiny_llama(16).save_pretrained(folder)
     with pytest.raises(ValueError, match="tokenizer"):
         bench.load_assistant(str(folder), smollm2.tokenizer, "cpu")
+
+
+@pytest.mark.slow
+def test_coral_ablation_bench_measures_each_checkpoint(tmp_path):
+    from coralline.draft.registry import shipped_head
+
+    head = str(shipped_head("smollm2-135m-instruct"))
+    out = tmp_path / "abl.json"
+    res = _cli(
+        "bench", "coral", "--quick", "--ablation-only", "--ablation", head, "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    (row,) = rep["ablations"]
+    assert row["checkpoint"] == head and row["recipe"]["steps"] == 3
+    for label in ("tree60_full", "auto_grouped"):
+        assert row[label]["identical"], label  # greedy outputs equal plain decoding
+        assert row[label]["tau"] > 1.0 and row[label]["speedup"] > 0

@@ -106,7 +106,69 @@ def paired_verifier_tau(
     return {v: {"tau": 1 + sums[v] / max(1, rounds), "rounds": rounds} for v in verifiers}
 
 
-def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print) -> dict:
+def measure_t0(runner, drafter, encoded, params, reference=None) -> dict:
+    """Greedy generation of every prompt with one drafter (None = plain): tau, tokens/s,
+    draft/verify/LM-head ms, and whether each output equals `reference` (when given)."""
+    from coralline.engine import Engine
+
+    r = {
+        "tokens": 0,
+        "seconds": 0.0,
+        "rounds": 0,
+        "accepted": 0,
+        "draft_ms": 0.0,
+        "verify_ms": 0.0,
+        "lm_head_ms": 0.0,
+        "identical": True,
+        "outputs": [],
+    }
+    for i, ids in enumerate(encoded):
+        out, secs, s = timed_generate(Engine(runner, drafter), ids, params)
+        r["outputs"].append(out)
+        if reference is not None:
+            r["identical"] &= out == reference[i]
+        r["tokens"] += len(out)
+        r["seconds"] += secs
+        r["rounds"] += s.rounds
+        r["accepted"] += round((s.acceptance_length - 1) * s.rounds)
+        r["draft_ms"] += s.draft_ms
+        r["verify_ms"] += s.verify_ms
+        if drafter is not None:
+            r["lm_head_ms"] += drafter.lm_head_ms  # the drafter restarts it per sequence
+    r["tau"] = 1 + r["accepted"] / r["rounds"]
+    r["tokens_per_second"] = r["tokens"] / r["seconds"]
+    r["draft_lm_head_ms_per_round"] = r["lm_head_ms"] / r["rounds"]
+    return r
+
+
+def ablation_rows(runner, paths: list[str], encoded, params, reference=None) -> list[dict]:
+    """Per checkpoint: tau and tokens/s with EAGLE-2's 60-node tree (full LM head: the head's
+    quality) and with the budget chooser + grouped head (what ships; needs a trained router)."""
+    from coralline.draft.coral import CoralHead
+    from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
+
+    rows = []
+    for path in paths:
+        h = CoralHead.load(path).attach(runner.model)
+        row = {"checkpoint": str(path), "recipe": h.config.recipe}
+        for label, cfg in (
+            ("tree60_full", CoralDrafterConfig(budget="max", grouped=False)),
+            ("auto_grouped", CoralDrafterConfig(grouped=True)),
+        ):
+            m = measure_t0(runner, CoralDrafter(h, cfg), encoded, params, reference)
+            row[label] = {k: m[k] for k in ("tau", "tokens_per_second", "identical")}
+        rows.append(row)
+        print(f"  ablation {path} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def run(
+    quick: bool = False,
+    ablations: list[str] | None = None,
+    print_fn=print,
+    checkpoint: str | None = None,
+    ablation_only: bool = False,
+) -> dict:
     from coralline.draft.coral import CoralHead
     from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
     from coralline.draft.registry import shipped_head
@@ -116,7 +178,7 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
 
     torch.set_num_threads(1)
     runner = TargetRunner.load()
-    ckpt = shipped_head(runner.config.model)
+    ckpt = checkpoint or shipped_head(runner.config.model)
     if ckpt is None:
         raise ValueError("no shipped CORAL head: train one first (coralline train-draft)")
     n_prompts, n_tokens, seeds = (2, 32, 2) if quick else (6, 64, 2)
@@ -124,6 +186,26 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
     encoded = [runner.encode(p) for p in prompts]
     head = CoralHead.load(str(ckpt)).attach(runner.model)
     greedy = SamplingParams(max_new_tokens=n_tokens)
+    if ablation_only:
+        plain = measure_t0(runner, None, encoded, greedy)
+        abl = ablation_rows(runner, ablations or [], encoded, greedy, plain["outputs"])
+        for row in abl:
+            for label in ("tree60_full", "auto_grouped"):
+                row[label]["speedup"] = (
+                    row[label]["tokens_per_second"] / plain["tokens_per_second"]
+                )
+            print_fn(
+                f"{row['checkpoint']}: 60-node tree tau {row['tree60_full']['tau']:.2f}; chooser"
+                f" + grouped tau {row['auto_grouped']['tau']:.2f}, "
+                f"{row['auto_grouped']['speedup']:.2f}x plain"
+            )
+        return {
+            "what": "CORAL ablations on held-out ShareGPT prompts",
+            "config": {"prompts": len(encoded), "max_new_tokens": n_tokens},
+            "date": time.strftime("%Y-%m-%d"),
+            "plain_tokens_per_second": plain["tokens_per_second"],
+            "ablations": abl,
+        }
     configs = {
         "plain": None,
         "coral_eagle2_tree60_full": CoralDrafterConfig(budget="max", grouped=False),
@@ -131,36 +213,13 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
         "coral_auto_grouped": CoralDrafterConfig(grouped=True),
     }
     t0_results: dict[str, dict] = {}
-    reference: list[list[int]] = []
+    reference: list[list[int]] | None = None
     for name, cfg in configs.items():
         drafter = CoralDrafter(head, cfg) if cfg else None
-        r = {
-            "tokens": 0,
-            "seconds": 0.0,
-            "rounds": 0,
-            "accepted": 0,
-            "draft_ms": 0.0,
-            "verify_ms": 0.0,
-            "lm_head_ms": 0.0,
-            "identical": True,
-        }
-        for i, ids in enumerate(encoded):
-            out, secs, s = timed_generate(Engine(runner, drafter), ids, greedy)
-            if name == "plain":
-                reference.append(out)
-            r["identical"] &= out == reference[i]
-            r["tokens"] += len(out)
-            r["seconds"] += secs
-            r["rounds"] += s.rounds
-            r["accepted"] += round((s.acceptance_length - 1) * s.rounds)
-            r["draft_ms"] += s.draft_ms
-            r["verify_ms"] += s.verify_ms
-        if drafter is not None:
-            r["lm_head_ms"] = drafter.lm_head_ms
-        r["tau"] = 1 + r["accepted"] / r["rounds"]
-        r["tokens_per_second"] = r["tokens"] / r["seconds"]
-        r["draft_lm_head_ms_per_round"] = r["lm_head_ms"] / r["rounds"]
-        t0_results[name] = r
+        t0_results[name] = measure_t0(runner, drafter, encoded, greedy, reference)
+        if reference is None:
+            reference = t0_results[name].pop("outputs")
+        t0_results[name].pop("outputs", None)
         print(f"  {name} done", file=sys.stderr, flush=True)
     base = t0_results["plain"]["tokens_per_second"]
     for r in t0_results.values():
@@ -200,26 +259,7 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
         chain_engine, encoded, ["traversal", "block", "token_level"], seeds, n_tokens
     )
     hit = router_hit_rate(head, runner, encoded)
-    ablation_rows = []
-    for path in ablations or []:
-        h = CoralHead.load(path).attach(runner.model)
-        d = CoralDrafter(h, CoralDrafterConfig(budget="max", grouped=False))
-        acc = rounds = toks = 0
-        secs = 0.0
-        for ids in encoded:
-            out, s_, s = timed_generate(Engine(runner, d), ids, greedy)
-            acc += round((s.acceptance_length - 1) * s.rounds)
-            rounds += s.rounds
-            toks += len(out)
-            secs += s_
-        ablation_rows.append(
-            {
-                "checkpoint": path,
-                "recipe": h.config.recipe,
-                "tau": 1 + acc / rounds,
-                "tokens_per_second": toks / secs,
-            }
-        )
+    abl = ablation_rows(runner, ablations or [], encoded, greedy, reference)
     report = {
         "what": "CORAL drafter on held-out ShareGPT prompts, SmolLM2-135M-Instruct fp32",
         "checkpoint": str(ckpt),
@@ -231,7 +271,7 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
         "t1_paired_trees": paired,
         "t1_paired_chains": paired_chain,
         "router_hit_rate": hit,
-        "ablations": ablation_rows,
+        "ablations": abl,
     }
     print_fn(
         f"{'T = 0':<28}{'tau':>7}{'tok/s':>8}{'speedup':>9}{'LM head ms/round':>18}  identical"
@@ -258,16 +298,26 @@ def run(quick: bool = False, ablations: list[str] | None = None, print_fn=print)
         )
     )
     print_fn(f"router hit rate (target argmax in the selected groups): {hit:.3f}")
-    for row in ablation_rows:
+    for row in abl:
+        a, b = row["tree60_full"], row["auto_grouped"]
         print_fn(
-            f"ablation {row['checkpoint']}: tau {row['tau']:.2f}, "
-            f"{row['tokens_per_second']:.1f} tok/s"
+            f"ablation {row['checkpoint']}: 60-node tree tau {a['tau']:.2f} "
+            f"({a['tokens_per_second']:.1f} tok/s); chooser + grouped tau {b['tau']:.2f} "
+            f"({b['tokens_per_second']:.1f} tok/s)"
         )
     return report
 
 
-def main(out: str | None, quick: bool = False, ablations: list[str] | None = None) -> dict:
-    report = run(quick=quick, ablations=ablations)
+def main(
+    out: str | None,
+    quick: bool = False,
+    ablations: list[str] | None = None,
+    checkpoint: str | None = None,
+    ablation_only: bool = False,
+) -> dict:
+    report = run(
+        quick=quick, ablations=ablations, checkpoint=checkpoint, ablation_only=ablation_only
+    )
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))

@@ -231,7 +231,9 @@ def warm_start(head: CoralHead, folder: str | Path, log=print) -> None:
         )
     state = prev.state_dict()
     if (folder / "train_state.pt").exists():
-        state = torch.load(folder / "train_state.pt", weights_only=False)["head"]
+        fp32 = torch.load(folder / "train_state.pt", weights_only=False)["head"]
+        # the router stage runs after the last train_state save: its weights come from the export
+        state = {k: v if k.startswith("router.") else fp32[k] for k, v in state.items()}
     head.load_state_dict(state)
     head._grouped_rows = None  # the group order may have changed: rebuild the permuted rows
     log(f"warm start from {folder}")

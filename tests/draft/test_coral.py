@@ -84,6 +84,14 @@ def test_warm_start_loads_a_previous_head_and_refuses_another_target(tmp_path):
     ids_a, logits_a = fresh.grouped_logits(feats)
     ids_b, logits_b = head.grouped_logits(feats)
     assert torch.equal(ids_a, ids_b) and torch.allclose(logits_a, logits_b, atol=5e-2)
+    # a run folder: fp32 weights from train_state.pt, except the router (trained after its save)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    state["fc.weight"] += 0.5
+    state["router.0.weight"] += 100.0  # stale: must not be used
+    torch.save({"head": state}, tmp_path / "prev" / "train_state.pt")
+    warm_start(fresh, tmp_path / "prev", log=lambda *_: None)
+    assert torch.equal(fresh.fc.weight, state["fc.weight"])  # exact fp32
+    assert torch.allclose(fresh.router[0].weight, head.router[0].weight, atol=1e-2)
     other = tiny_llama(16, seed=99)
     stranger = CoralHead(config_for_target(other, "other", num_groups=4, active_groups=2))
     with pytest.raises(ValueError, match="was trained for tiny"):

@@ -84,7 +84,7 @@ def plots(report: dict, folder: Path) -> list[Path]:
     res = report["results"]
     paths = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, t, base in ((axes[0], 0.0, "HF generate"), (axes[1], 1.0, "HF sampling")):
         rows = [r for r in res if r["temperature"] == t]
         ax.barh([r["label"] for r in rows], [r["speedup"] for r in rows], color="tab:blue")

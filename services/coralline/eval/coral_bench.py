@@ -191,9 +191,7 @@ def run(
         abl = ablation_rows(runner, ablations or [], encoded, greedy, plain["outputs"])
         for row in abl:
             for label in ("tree60_full", "auto_grouped"):
-                row[label]["speedup"] = (
-                    row[label]["tokens_per_second"] / plain["tokens_per_second"]
-                )
+                row[label]["speedup"] = row[label]["tokens_per_second"] / plain["tokens_per_second"]
             print_fn(
                 f"{row['checkpoint']}: 60-node tree tau {row['tree60_full']['tau']:.2f}; chooser"
                 f" + grouped tau {row['auto_grouped']['tau']:.2f}, "

@@ -9,7 +9,14 @@ from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
 from coralline.engine import Engine, generate_ids
 from coralline.sampling import SamplingParams
 from coralline.target import TargetRunner
-from coralline.train.trainer import TrainConfig, csra_loss, evaluate_loss, fit, warm_start
+from coralline.train.trainer import (
+    TrainConfig,
+    csra_loss,
+    evaluate_loss,
+    fit,
+    train_router,
+    warm_start,
+)
 
 from ..tiny import tiny_llama
 
@@ -151,6 +158,35 @@ def test_greedy_coral_equals_target_greedy_on_a_tiny_model():
             head, CoralDrafterConfig(depth=3, top_k=3, max_nodes=10, grouped=grouped)
         )
         assert generate_ids(Engine(runner, drafter), ids, SamplingParams(max_new_tokens=20)) == ref
+
+
+def test_router_stage_learns_where_the_heads_mass_lies():
+    """After the router stage, the selected groups hold more of the head's own distribution's
+    mass (what the grouped head then samples from) than before."""
+    target, head = _head(vocab=64, seed=3)
+    convs = _convs(target, n=8, length=32)
+    cfg = TrainConfig(features="", out="", steps=2, csra=False, router_epochs=20, router_lr=1e-2)
+    groups = head.token_groups()
+
+    def covered() -> float:
+        from coralline.train.trainer import _step_outputs
+
+        with torch.no_grad():
+            shares = []
+            for conv in convs:
+                _, outs = _step_outputs(head, conv, cfg.steps)
+                feats = torch.cat([g[ok] for g, ok in outs])
+                q = torch.softmax(head.full_logits(feats), -1)
+                top = head.router_logits(feats).topk(head.config.active_groups, -1).indices
+                picked = (groups[None, :, None] == top[:, None, :]).any(-1)  # [n, V]
+                shares.append((q * picked).sum(-1).mean())
+            return float(torch.stack(shares).mean())
+
+    before = covered()
+    train_router(head, convs, cfg, log=lambda *_: None)
+    after = covered()
+    assert after > before + 0.05, (before, after)
+    assert not any(p.requires_grad for n, p in head.named_parameters() if "router" not in n)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

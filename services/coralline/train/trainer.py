@@ -91,7 +91,11 @@ def step_mask(length: int, j: int, dtype=torch.float32) -> torch.Tensor:  # [L, 
     return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)
 
 
-def _losses(head: CoralHead, conv: dict, cfg: TrainConfig, distill: bool, gen: torch.Generator):
+def _step_outputs(head: CoralHead, conv: dict, steps: int):
+    """Every HASS step's head outputs on one conversation, with the positions each step trains.
+
+    -> (f [T, d] target features, [(g_j [n, d], ok_j [n] bool) for j = 1..steps]) or None for a
+    conversation too short to train on. g_j keeps its graph when called with grad enabled."""
     from transformers import DynamicCache
 
     ids, mask = conv["input_ids"], conv["loss_mask"]
@@ -104,22 +108,32 @@ def _losses(head: CoralHead, conv: dict, cfg: TrainConfig, distill: bool, gen: t
     valid = torch.zeros(n, dtype=torch.bool)
     valid[: n - 1] = mask[2:]  # the predicted token x_{t+2} is an assistant token
     cache = DynamicCache(config=head.config.llama_config())
-    with torch.no_grad():
-        idx_all = valid.nonzero()[:, 0]
-        p_target = torch.softmax(head.full_logits(f[1:][idx_all]), dim=-1)  # [m, V]
-    total, parts, outs = 0.0, {}, []
-    prev = f[:-1]
-    for j in range(1, cfg.steps + 1):
+    outs, prev = [], f[:-1]
+    for j in range(1, steps + 1):
         # step 1: target features; step j: the head's own g{j-1}_{t-1} (detached)
         feats = f[:-1] if j == 1 else torch.cat([f[:1], prev[:-1].detach()], dim=0)
-        m = step_mask(n, j)[None, None]
-        g = head(tokens, feats[None], pos, m, cache)[0]  # [n, d]
+        g = head(tokens, feats[None], pos, step_mask(n, j)[None, None], cache)[0]  # [n, d]
         ok = valid.clone()
         ok[: j - 1] = False
+        outs.append((g, ok))
+        prev = g
+    return f, outs
+
+
+def _losses(head: CoralHead, conv: dict, cfg: TrainConfig, distill: bool, gen: torch.Generator):
+    res = _step_outputs(head, conv, cfg.steps)
+    if res is None:
+        return None
+    f, outs = res
+    idx_all = outs[0][1].nonzero()[:, 0]
+    if outs[-1][1].sum() == 0:
+        return None
+    with torch.no_grad():
+        p_target = torch.softmax(head.full_logits(f[1:][idx_all]), dim=-1)  # [m, V]
+    total, parts = 0.0, {}
+    for j, (g, ok) in enumerate(outs, start=1):
         sel = ok[idx_all]  # rows of p_target for this step's valid positions
         idx = idx_all[sel]
-        if idx.numel() == 0:
-            return None
         gv = g[idx]
         reg = F.smooth_l1_loss(gv, f[1:][idx])
         logq = torch.log_softmax(head.full_logits(gv), dim=-1)
@@ -135,8 +149,6 @@ def _losses(head: CoralHead, conv: dict, cfg: TrainConfig, distill: bool, gen: t
         parts[f"ce{j}"] = float(ce.detach())
         parts[f"acc{j}"] = float((logq.argmax(-1) == pt.argmax(-1)).float().mean())  # top-1
         total = total + loss
-        outs.append((g, ok))
-        prev = g
     if cfg.csra and len(outs) > 1:
         common = outs[-1][1]  # positions valid in every step
         idx = common.nonzero()[:, 0]
@@ -147,7 +159,7 @@ def _losses(head: CoralHead, conv: dict, cfg: TrainConfig, distill: bool, gen: t
             parts["csra"] = float(csra.detach())
             total = total + cfg.csra_weight * csra
     parts["loss"] = float(total.detach())
-    return total, parts, [(g.detach(), ok) for g, ok in outs]
+    return total, parts
 
 
 def csra_loss(steps: list[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -338,7 +350,6 @@ def train_router(head: CoralHead, convs: list[dict], cfg: TrainConfig, log=print
         p.requires_grad_(True)
     opt = torch.optim.AdamW(head.router.parameters(), lr=cfg.router_lr)
     groups = head.token_groups()  # [V]
-    gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.router_epochs):
         subset = convs[: cfg.router_conversations] if cfg.router_conversations else convs
         bar = tqdm(
@@ -347,10 +358,10 @@ def train_router(head: CoralHead, convs: list[dict], cfg: TrainConfig, log=print
         run = None
         for conv in bar:
             with torch.no_grad():
-                res = _losses(head, conv, cfg, False, gen)
+                res = _step_outputs(head, conv, cfg.steps)
             if res is None:
                 continue
-            feats = torch.cat([g[ok] for g, ok in res[2]])  # every step's valid outputs
+            feats = torch.cat([g[ok] for g, ok in res[1]])  # every step's valid outputs
             with torch.no_grad():
                 q = torch.softmax(head.full_logits(feats), dim=-1)  # [n, V]
                 mass = torch.zeros(q.shape[0], head.config.num_groups).index_add_(1, groups, q)
@@ -358,6 +369,7 @@ def train_router(head: CoralHead, convs: list[dict], cfg: TrainConfig, log=print
             opt.zero_grad()
             loss.backward()
             opt.step()
-            run = float(loss) if run is None else 0.98 * run + 0.02 * float(loss)
+            value = float(loss.detach())
+            run = value if run is None else 0.98 * run + 0.02 * value
             bar.set_postfix(loss=f"{run:.3f}")
         log(f"router epoch {epoch + 1}: soft CE {run:.4f}")

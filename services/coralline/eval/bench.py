@@ -235,8 +235,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict:
     torch.set_num_threads(cfg.threads)
     runner = TargetRunner.load(TargetConfig(model=cfg.model, device=cfg.device))
     sets, notes = prompt_sets(runner.tokenizer, cfg)
-    prompts = [(name, p) for name, ps in sets.items() for p in ps]
-    encoded = [runner.encode(p) for _, p in prompts]
+    encoded = [runner.encode(p) for ps in sets.values() for p in ps]
     assistant_name = cfg.assistant or KNOWN_ASSISTANTS.get(cfg.model)
     assistant = None
     if assistant_name:

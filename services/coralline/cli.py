@@ -130,14 +130,58 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace, features: str, data: str):
+    from coralline.train.trainer import TrainConfig
+
+    return TrainConfig(
+        features=features,
+        data=data,
+        max_tokens=args.seq_tokens,
+        out=args.out,
+        model=args.model,
+        device=args.device,
+        batch=args.batch,
+        accumulate=args.accumulate,
+        time_limit_s=60.0 * args.time_limit,
+        steps=1 if args.no_hass else args.steps,
+        csra=not args.no_csra,
+        csra_weight=args.csra_weight,
+        csra_temperature=args.csra_temperature,
+        epochs=args.epochs,
+        distill_epochs=0 if args.no_distill else args.distill_epochs,
+        router=not args.no_router,
+        router_conversations=args.router_conversations,
+        seed=args.seed,
+        max_conversations=args.max_conversations,
+        lr=args.lr,
+        init=args.init or "",
+    )
+
+
 def _cmd_train_draft(args: argparse.Namespace) -> int:
     import torch
 
     from coralline import models
     from coralline.train.features import DumpConfig, dump, dumped_tokens
-    from coralline.train.trainer import TrainConfig, train
+    from coralline.train.trainer import train
 
     torch.set_num_threads(args.threads)
+    if args.write_pack:
+        from coralline.train.data import build_pack
+
+        _, tok = models.load(args.model)
+        print(
+            build_pack(
+                tok, args.write_pack, args.seq_tokens, max_conversations=args.max_conversations
+            )
+        )
+        return 0
+    if not args.out:
+        raise ValueError("--out is required (the checkpoint folder)")
+    if args.data:  # online: the target computes features batch by batch, nothing is dumped
+        out = train(_train_config(args, features="", data=args.data))
+        print(f"checkpoint: {out}")
+        return 0
     cache = models.cache_dir()
     sharegpt = args.features or str(cache / "features" / f"{args.model}-sharegpt")
     folders = [sharegpt] if args.max_tokens > 0 else []
@@ -147,22 +191,8 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
         folders.append(str(cache / "features" / f"{args.model}-selfdistill"))
     if not folders:
         raise ValueError("no training data: --max-tokens 0 needs --self-distill N")
-    tcfg = TrainConfig(  # validated before the long data steps start
-        features=",".join(folders),
-        out=args.out,
-        model=args.model,
-        steps=1 if args.no_hass else args.steps,
-        csra=not args.no_csra,
-        csra_weight=args.csra_weight,
-        csra_temperature=args.csra_temperature,
-        epochs=args.epochs,
-        distill_epochs=0 if args.no_distill else args.distill_epochs,
-        router=not args.no_router,
-        seed=args.seed,
-        max_conversations=args.max_conversations,
-        lr=args.lr,
-        init=args.init or "",
-    )
+    # validated before the long data steps start
+    tcfg = _train_config(args, features=",".join(folders), data="")
     if args.max_tokens > 0 and dumped_tokens(sharegpt) < args.max_tokens:
         # absent, unfinished or smaller than asked: (re)dump; finished shards are kept
         dump(DumpConfig(out_dir=sharegpt, model=args.model, max_total_tokens=args.max_tokens))
@@ -290,8 +320,34 @@ def build_parser() -> argparse.ArgumentParser:
         "train-draft",
         help="train a CORAL head on ShareGPT (dump features, train, router), resumable",
     )
-    t.add_argument("--out", required=True, help="checkpoint folder (resumes when it exists)")
+    t.add_argument("--out", default=None, help="checkpoint folder (resumes when it exists)")
     t.add_argument("--model", default="smollm2-135m-instruct")
+    t.add_argument(
+        "--data",
+        default=None,
+        help="online training, no feature dump: a pack file (--write-pack) or 'sharegpt'; "
+        "the target computes each batch's features on --device",
+    )
+    t.add_argument(
+        "--write-pack",
+        default=None,
+        metavar="FILE",
+        help="render the ShareGPT training split into FILE (ids + masks, ~1 byte/token) and exit",
+    )
+    t.add_argument(
+        "--seq-tokens", type=int, default=384, help="tokens per conversation (packs, online)"
+    )
+    t.add_argument("--device", default="cpu", help="cpu or cuda (head and online target)")
+    t.add_argument("--batch", type=int, default=1, help="conversations per forward (right-padded)")
+    t.add_argument("--accumulate", type=int, default=4, help="batches per optimizer step")
+    t.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        metavar="MIN",
+        help="stop training after MIN minutes, learning rate annealed on that clock (0 = none)",
+    )
+    t.add_argument("--router-conversations", type=int, default=800)
     t.add_argument("--features", default=None, help="ShareGPT feature dump folder (default: cache)")
     t.add_argument(
         "--max-tokens", type=int, default=300_000, help="tokens of ShareGPT data (0 = none)"

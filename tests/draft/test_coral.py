@@ -169,12 +169,12 @@ def test_router_stage_learns_where_the_heads_mass_lies():
     groups = head.token_groups()
 
     def covered() -> float:
-        from coralline.train.trainer import _step_outputs
+        from coralline.train.trainer import _step_outputs, pad_batch
 
         with torch.no_grad():
             shares = []
             for conv in convs:
-                _, outs = _step_outputs(head, conv, cfg.steps)
+                _, outs = _step_outputs(head, pad_batch([conv]), cfg.steps)
                 feats = torch.cat([g[ok] for g, ok in outs])
                 q = torch.softmax(head.full_logits(feats), -1)
                 top = head.router_logits(feats).topk(head.config.active_groups, -1).indices

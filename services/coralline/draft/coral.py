@@ -127,7 +127,7 @@ def config_for_target(model, name: str, **overrides) -> CoralConfig:
 
 def balanced_groups(weight: torch.Tensor, num_groups: int, iters: int = 8, seed: int = 0):
     """Token ids in group order [G, V/G]: spherical k-means, then equal-size chunks."""
-    x = F.normalize(weight.detach().float(), dim=1)  # [V, d]
+    x = F.normalize(weight.detach().float().cpu(), dim=1)  # [V, d] (CPU: same on any device)
     g = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(x.shape[0], generator=g)[:num_groups]].clone()  # [G, d]
     for _ in range(iters):
@@ -204,9 +204,10 @@ class CoralHead(nn.Module):
         self._grouped_rows = None
 
     def token_groups(self) -> torch.Tensor:  # [V] int64: the group of every token id
-        groups = torch.empty(self.config.vocab_size, dtype=torch.int64)
+        dev = self.group_tokens.device
+        groups = torch.empty(self.config.vocab_size, dtype=torch.int64, device=dev)
         groups[self.group_tokens.flatten()] = torch.arange(
-            self.config.num_groups
+            self.config.num_groups, device=dev
         ).repeat_interleave(self.config.group_size)
         return groups
 
@@ -271,7 +272,7 @@ class CoralHead(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {
-            k: v.detach().to(torch.float16) if v.is_floating_point() else v.detach()
+            k: v.detach().cpu().to(torch.float16) if v.is_floating_point() else v.detach().cpu()
             for k, v in self.state_dict().items()
         }
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "head.safetensors"))

@@ -32,6 +32,9 @@ class TargetConfig:
     model: str = "smollm2-135m-instruct"  # the built-in target; any local HF folder works
     dtype: str = "float32"  # fp32 on CPU (bf16 matmuls are ~4x slower there); bf16 on GPU
     device: str = "cpu"  # "cuda" on a GPU node
+    transposed_linears: bool = True  # CPU fp32 only: linear layers stored transposed (and
+    # as-is for <= 3 rows) so tree forwards of 4-16 nodes cost far less (cpu_linear.py; the
+    # weights take twice the memory)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -74,6 +77,10 @@ class TargetRunner:
 
         config = config or TargetConfig()
         model, tok = models.load(config.model, _DTYPES[config.dtype], config.device)
+        if config.transposed_linears and config.device == "cpu" and config.dtype == "float32":
+            from coralline.cpu_linear import transpose_linears
+
+            transpose_linears(model, keep_original=True)
         return cls(model, tok, config)
 
     # ------------------------------------------------------------------ prompts
@@ -194,7 +201,7 @@ class TargetRunner:
 
     def forward_costs(
         self,
-        sizes=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+        sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
         context: int = 200,
         repeats: int = 5,
         shape: str = "tree",

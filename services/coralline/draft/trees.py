@@ -23,20 +23,22 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# t(n)/t(1) of a SmolLM2-135M fp32 forward over n nodes on a 2-core CPU (coralline bench engine,
-# 2026-11-25); replaced by a measurement on the machine at hand when one is given.
+# t(n)/t(1) of a SmolLM2-135M fp32 forward over n tree nodes after 200 cached tokens, on a 2-core
+# CPU, one thread, linear layers transposed (TargetConfig.transposed_linears; TargetRunner.
+# forward_costs, 2026-11-26); replaced by a measurement on the machine at hand when one is given.
 DEFAULT_COST = {
     1: 1.0,
     2: 1.12,
-    4: 1.67,
-    6: 1.80,
-    8: 2.18,
-    12: 2.70,
-    16: 2.14,
-    24: 2.45,
-    32: 2.73,
-    48: 3.34,
-    64: 3.99,
+    3: 1.18,
+    4: 1.38,
+    6: 1.52,
+    8: 1.70,
+    12: 1.84,
+    16: 1.95,
+    24: 2.11,
+    32: 2.30,
+    48: 2.71,
+    64: 3.09,
 }
 
 
@@ -79,7 +81,7 @@ def choose_budget(
     values: Sequence[float],  # value of each candidate node, best first (root excluded)
     cost: CostModel,
     calibration: float = 1.0,
-    sizes: Sequence[int] = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+    sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
     max_nodes: int = 64,
 ) -> int:
     """The tree size N (root included) maximising (1 + calibration * sum of the N-1 best

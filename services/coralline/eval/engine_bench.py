@@ -45,7 +45,7 @@ def _time_hf(model, ids, n, **kw):
     return out[0, len(ids) :].tolist(), time.perf_counter() - t0
 
 
-def cost_table(runner, context: int = 200, sizes=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)):
+def cost_table(runner, context: int = 200, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)):
     """t(n)/t(1) for chain- and tree-shaped inputs (TargetRunner.forward_costs)."""
     rows = []
     for shape in ("chain", "tree"):
@@ -149,7 +149,7 @@ def run(quick: bool = False, print_fn=print) -> dict:
             r["acceptance_length"] = round(r["tokens"] / r["rounds"], 3)
         r["seconds"] = round(r["seconds"], 3)
     costs = cost_table(
-        runner, sizes=(1, 2, 4, 8, 16) if quick else (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+        runner, sizes=(1, 2, 4, 8, 16) if quick else (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     )
     kv = kv_strategy(runner, contexts=(256,) if quick else (256, 1024))
     report = {

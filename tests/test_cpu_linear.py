@@ -1,0 +1,53 @@
+"""Transposed linear layers: same outputs, same weights and checkpoints as nn.Linear."""
+
+import pytest
+import torch
+from torch import nn
+
+from coralline.cpu_linear import TransposedLinear, transpose_linears
+
+from .tiny import tiny_llama
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_outputs_weights_and_state_dict_match_nn_linear(bias, keep_original):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40, bias=bias)
+    t = TransposedLinear(lin, keep_original=keep_original)
+    for shape in [(1, 24), (3, 24), (4, 24), (9, 24), (2, 5, 24)]:  # both paths, 3D input
+        x = torch.randn(*shape)
+        assert torch.allclose(t(x), lin(x), atol=1e-5)
+    assert torch.equal(t.weight, lin.weight) and t.weight.shape == (40, 24)
+    ref = lin.state_dict()
+    got = t.state_dict()
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert sum(p.numel() for p in t.parameters()) == sum(p.numel() for p in lin.parameters())
+    other = nn.Linear(24, 40, bias=bias)
+    t.load_state_dict(other.state_dict())  # loads nn.Linear's layout, strict
+    x = torch.randn(5, 24)
+    assert torch.allclose(t(x), other(x), atol=1e-5)
+    assert torch.allclose(t(x[:2]), other(x[:2]), atol=1e-5)  # the kept original follows
+
+
+def test_a_transposed_model_gives_the_same_logits_and_keeps_its_tied_weights():
+    model = tiny_llama(32, seed=4)
+    ids = torch.randint(0, 32, (1, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        transpose_linears(model, keep_original=True)
+        got = model(input_ids=ids).logits
+    assert isinstance(model.lm_head, TransposedLinear)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert torch.allclose(got, ref, atol=1e-4)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert torch.equal(model.get_output_embeddings().weight, state["lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_the_cpu_target_runs_transposed_linears(smollm2):
+    assert isinstance(smollm2.model.lm_head, TransposedLinear)
+    assert smollm2.model.lm_head.weight.shape == (smollm2.vocab_size, smollm2.hidden_size)

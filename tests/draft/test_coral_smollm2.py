@@ -52,3 +52,20 @@ def test_sampled_coral_generation_is_deterministic_for_a_seed(smollm2):
     b = generate_ids(Engine(smollm2, drafter), ids, p)
     assert a == b and len(a) > 0
     assert torch.tensor(a).max() < smollm2.vocab_size
+
+
+@pytest.mark.slow
+def test_paired_lm_head_timing_measures_both_heads_without_changing_the_output(smollm2):
+    from coralline.eval.coral_bench import lm_head_paired
+
+    head = CoralHead.load(str(shipped_head("smollm2-135m-instruct"))).attach(smollm2.model)
+    ids = [smollm2.encode(PROMPTS[0])]
+    params = SamplingParams(max_new_tokens=24)
+    r = lm_head_paired(smollm2, head, ids, params)
+    assert r["rounds"] > 0 and r["grouped_ms_per_round"] > 0 and r["full_ms_per_round"] > 0
+    plain = make_drafter("coral", smollm2)
+    shadowed = make_drafter("coral", smollm2)
+    shadowed.shadow_full_head = True
+    a = generate_ids(Engine(smollm2, plain), ids[0], params)
+    b = generate_ids(Engine(smollm2, shadowed), ids[0], params)
+    assert a == b and shadowed.full_lm_head_ms > 0 and plain.full_lm_head_ms == 0

@@ -82,6 +82,8 @@ class CoralDrafter:
         self.head = head.eval()
         self.config = config or CoralDrafterConfig()
         self.cost = cost or CostModel()
+        self.shadow_full_head = False  # measurement only: also time the full LM head on the
+        # grouped head's very nodes (full_lm_head_ms), for the paired grouped-vs-full figure
         self.chain_only = self.config.chain
         # the registry's names: coral (grouped head), coral-full, coral-eagle2 (fixed 60 nodes),
         # coral-chain (grouped head, one draft sequence)
@@ -104,6 +106,7 @@ class CoralDrafter:
         self.last_out: torch.Tensor | None = None  # [d] head output at the last position
         self._last: tuple[TokenTree, float | None] | None = None
         self.lm_head_ms = 0.0  # time spent in LM-head matmuls (for the grouped-head figure)
+        self.full_lm_head_ms = 0.0  # the full head on the same nodes (shadow_full_head)
 
     # ------------------------------------------------------------------ head calls
     def _dist(self, feats: torch.Tensor, params: SamplingParams):
@@ -115,6 +118,10 @@ class CoralDrafter:
         else:
             ids, logits = None, self.head.full_logits(feats)
         self.lm_head_ms += (time.perf_counter() - t0) * 1e3
+        if self.config.grouped and self.shadow_full_head:
+            t1 = time.perf_counter()
+            self.head.full_logits(feats)
+            self.full_lm_head_ms += (time.perf_counter() - t1) * 1e3
         temperature = params.temperature if params.temperature > 0 else 1.0
         probs = warp(logits, temperature, params.top_k, params.top_p)
         return ids, probs

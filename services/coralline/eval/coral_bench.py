@@ -141,6 +141,30 @@ def measure_t0(runner, drafter, encoded, params, reference=None) -> dict:
     return r
 
 
+def lm_head_paired(runner, head, encoded, params) -> dict:
+    """Grouped vs full LM head on the very same draft nodes: the shipped drafter (chooser +
+    grouped head) generates every prompt while the full head is also timed on each batch of
+    nodes the grouped head scores (its output unused; tokens/s of this pass is not reported)."""
+    from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
+    from coralline.engine import Engine
+
+    drafter = CoralDrafter(head, CoralDrafterConfig(grouped=True))
+    drafter.shadow_full_head = True
+    grouped = full = 0.0
+    rounds = 0
+    for ids in encoded:
+        _, _, s = timed_generate(Engine(runner, drafter), ids, params)
+        grouped += drafter.lm_head_ms  # both restart per sequence
+        full += drafter.full_lm_head_ms
+        rounds += s.rounds
+    return {
+        "rounds": rounds,
+        "grouped_ms_per_round": grouped / rounds,
+        "full_ms_per_round": full / rounds,
+        "ratio": full / grouped,
+    }
+
+
 def ablation_rows(runner, paths: list[str], encoded, params, reference=None) -> list[dict]:
     """Per checkpoint: tau and tokens/s with EAGLE-2's 60-node tree (full LM head: the head's
     quality) and with the budget chooser + grouped head (what ships; needs a trained router)."""
@@ -256,6 +280,7 @@ def run(
         chain_engine, encoded, ["traversal", "block", "token_level"], seeds, n_tokens
     )
     hit = router_hit_rate(head, runner, encoded)
+    lm_paired = lm_head_paired(runner, head, encoded, greedy)
     abl = ablation_rows(runner, ablations or [], encoded, greedy, reference)
     report = {
         "what": "CORAL drafter on held-out ShareGPT prompts, SmolLM2-135M-Instruct fp32",
@@ -268,6 +293,7 @@ def run(
         "t1_paired_trees": paired,
         "t1_paired_chains": paired_chain,
         "router_hit_rate": hit,
+        "lm_head_paired": lm_paired,
         "ablations": abl,
     }
     print_fn(
@@ -295,6 +321,11 @@ def run(
         )
     )
     print_fn(f"router hit rate (target argmax in the selected groups): {hit:.3f}")
+    print_fn(
+        f"LM head on the same draft nodes: grouped {lm_paired['grouped_ms_per_round']:.2f} ms vs "
+        f"full {lm_paired['full_ms_per_round']:.2f} ms per round ({lm_paired['ratio']:.1f}x, "
+        f"{lm_paired['rounds']} rounds)"
+    )
     for row in abl:
         a, b = row["tree60_full"], row["auto_grouped"]
         print_fn(

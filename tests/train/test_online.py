@@ -116,3 +116,22 @@ def test_cli_writes_a_pack_and_trains_online_on_smollm2(tmp_path, smollm2):
     history = json.loads((out / "history.json").read_text())
     assert isinstance(history, list)
     assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 2
+
+
+@pytest.mark.slow
+def test_online_sharegpt_conversations_match_a_pack_of_the_same_split(tmp_path, smollm2):
+    from coralline.train.data import build_pack
+    from coralline.train.trainer import load_conversations
+
+    cfg = TrainConfig(features="", out="", data="sharegpt", max_tokens=48, max_conversations=3)
+    convs = load_conversations(cfg, smollm2.tokenizer)
+    pack = build_pack(smollm2.tokenizer, tmp_path / "p.npz", 48, max_conversations=3)
+    packed = load_conversations(dataclasses.replace(cfg, data=str(pack)))
+    assert len(convs) == len(packed) == 3
+    for a, b in zip(convs, packed, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["loss_mask"], b["loss_mask"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_conversations(cfg)
+    with pytest.raises(ValueError, match="not both"):
+        load_conversations(dataclasses.replace(cfg, features="x"))

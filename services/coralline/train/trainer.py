@@ -260,10 +260,11 @@ def load_conversations(cfg: TrainConfig, tokenizer=None) -> list[dict]:
     elif cfg.data == "sharegpt":
         from coralline.train.data import conversations, render
 
-        tok = tokenizer
+        if tokenizer is None:
+            raise ValueError("rendering ShareGPT needs the target's tokenizer")
         convs = []
         for conv in conversations("train"):
-            ex = render(tok, conv, cfg.max_tokens)
+            ex = render(tokenizer, conv, cfg.max_tokens)
             if ex is not None:
                 convs.append(
                     {

@@ -126,7 +126,8 @@ def render(tokenizer, conv: dict, max_tokens: int) -> Example | None:
 # ---------------------------------------------------------------------------- packs
 # A pack is the rendered training set in one small file (token ids + assistant masks, no
 # features): what a training machine without the ShareGPT package (a lent GPU) needs to train
-# with features computed online. ~2.3 bytes per token compressed.
+# with features computed online. ~1 byte per token (uint16 ids and bit-packed masks,
+# compressed): 8.2 MB for the 7.8M tokens of the ShareGPT training split cut at 1024 tokens.
 
 
 def save_pack(examples: list[Example], path: str | Path, meta: dict) -> Path:

@@ -14,7 +14,8 @@ same at M = 1 and far less at M = 4..16. Measured on the 2-core Xeon, one thread
 At M = 2..3 the transposed layout is slower (0.15 vs 0.12 ms above): with `keep_original`, the
 layer also keeps W [out, in] and uses it for up to `small_rows` rows (twice the weight memory,
 for the best of both; SmolLM2-135M target forward, ms: n = 1 / 2 / 3 / 4 / 8 / 12 nodes
-52 / 58 / 61 / 85 / 111 / 137 with nn.Linear, 50 / 65 / 67 / 70 / 88 / 96 transposed only).
+52 / 58 / 61 / 85 / 111 / 137 with nn.Linear, 50 / 65 / 67 / 70 / 88 / 96 transposed only,
+51 / 56 / 60 / 69 / 87 / 95 with both). A tied LM head gets its own transposed copy.
 
 `transpose_linears(module)` swaps every nn.Linear inside `module` for a TransposedLinear. Its
 `.weight` is a view [out, in] of the transposed storage, and its state_dict keeps nn.Linear's

@@ -123,6 +123,17 @@ def render(tokenizer, conv: dict, max_tokens: int) -> Example | None:
     return Example(conv["id"], ids, mask)
 
 
+def training_examples(
+    tokenizer, max_tokens: int, heldout_fraction: float = 0.02
+) -> Iterator[Example]:
+    """The ShareGPT training split rendered one conversation at a time (too-short ones dropped):
+    the one stream feature dumps, packs and online training read."""
+    for conv in conversations("train", heldout_fraction):
+        ex = render(tokenizer, conv, max_tokens)
+        if ex is not None:
+            yield ex
+
+
 # ---------------------------------------------------------------------------- packs
 # A pack is the rendered training set in one small file (token ids + assistant masks, no
 # features): what a training machine without the ShareGPT package (a lent GPU) needs to train
@@ -180,16 +191,15 @@ def build_pack(
 
     from tqdm import tqdm
 
-    examples = []
-    bar = tqdm(desc="rendering ShareGPT", unit="conv", file=sys.stderr)
-    for conv in conversations("train", heldout_fraction):
-        ex = render(tokenizer, conv, max_tokens)
-        bar.update(1)
-        if ex is not None:
-            examples.append(ex)
-            if max_conversations and len(examples) >= max_conversations:
-                break
-    bar.close()
+    stream = training_examples(tokenizer, max_tokens, heldout_fraction)
+    examples = list(
+        tqdm(
+            itertools.islice(stream, max_conversations or None),
+            desc="rendering ShareGPT",
+            unit="conv",
+            file=sys.stderr,
+        )
+    )
     meta = {
         "data": "sharegpt",
         "split": "train",

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from coralline.train.data import Example, conversations, render
+from coralline.train.data import Example, training_examples
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,7 @@ def _examples(tokenizer, cfg: DumpConfig) -> Iterator[Example]:
 
         yield from load_examples(cfg.data, cfg.max_tokens)
         return
-    for conv in conversations("train", cfg.heldout_fraction):
-        ex = render(tokenizer, conv, cfg.max_tokens)
-        if ex is not None:
-            yield ex
+    yield from training_examples(tokenizer, cfg.max_tokens, cfg.heldout_fraction)
 
 
 def _stream_keys(config: dict) -> dict:

@@ -35,6 +35,7 @@ an optional time budget (time_limit_s) on which the cosine schedule and the top-
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -258,22 +259,18 @@ def load_conversations(cfg: TrainConfig, tokenizer=None) -> list[dict]:
     if cfg.features:
         convs = [c for folder in cfg.features.split(",") for c in load_shards(folder)]
     elif cfg.data == "sharegpt":
-        from coralline.train.data import conversations, render
+        from coralline.train.data import training_examples
 
         if tokenizer is None:
             raise ValueError("rendering ShareGPT needs the target's tokenizer")
-        convs = []
-        for conv in conversations("train"):
-            ex = render(tokenizer, conv, cfg.max_tokens)
-            if ex is not None:
-                convs.append(
-                    {
-                        "input_ids": torch.tensor(ex.input_ids),
-                        "loss_mask": torch.tensor(ex.loss_mask, dtype=torch.bool),
-                    }
-                )
-                if cfg.max_conversations and len(convs) >= cfg.max_conversations:
-                    break
+        stream = training_examples(tokenizer, cfg.max_tokens)
+        convs = [
+            {
+                "input_ids": torch.tensor(ex.input_ids),
+                "loss_mask": torch.tensor(ex.loss_mask, dtype=torch.bool),
+            }
+            for ex in itertools.islice(stream, cfg.max_conversations or None)
+        ]
     elif cfg.data:
         from coralline.train.data import load_pack
 

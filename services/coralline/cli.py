@@ -214,6 +214,25 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_self_distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from coralline.train.selfdistill import SelfDistillConfig, generate
+
+    torch.set_num_threads(args.threads)
+    cfg = SelfDistillConfig(
+        out=args.out,
+        model=args.model,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch,
+        num_shards=args.num_shards,
+        shard=args.shard,
+    )
+    print(generate(cfg))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -325,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--data",
         default=None,
-        help="online training, no feature dump: a pack file (--write-pack) or 'sharegpt'; "
-        "the target computes each batch's features on --device",
+        help="online training, no feature dump: comma-separated sources, each a pack file "
+        "(--write-pack), 'sharegpt' or a self-distill .jsonl (coralline self-distill); the "
+        "target computes each batch's features on --device",
     )
     t.add_argument(
         "--write-pack",
@@ -335,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="render the ShareGPT training split into FILE (ids + masks, ~1 byte/token) and exit",
     )
     t.add_argument(
-        "--seq-tokens", type=int, default=384, help="tokens per conversation (packs, online)"
+        "--seq-tokens",
+        type=int,
+        default=384,
+        help="tokens per conversation (packs, online 'sharegpt' and .jsonl sources)",
     )
     t.add_argument("--device", default="cpu", help="cpu or cuda (head and online target)")
     t.add_argument("--batch", type=int, default=1, help="conversations per forward (right-padded)")
@@ -374,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--init", default=None, help="warm start from this checkpoint (same target)")
     t.set_defaults(fn=_cmd_train_draft)
+
+    sd = sub.add_parser(
+        "self-distill",
+        help="the target's greedy answers to ShareGPT training prompts (train-draft --data)",
+    )
+    sd.add_argument("--out", required=True, help="JSONL file (appended; a rerun resumes)")
+    sd.add_argument("--model", default="smollm2-135m-instruct")
+    sd.add_argument("--prompts", type=int, default=1000, help="prompts of this shard")
+    sd.add_argument("--max-new-tokens", type=int, default=256)
+    sd.add_argument("--batch", type=int, default=32, help="prompts per generate batch")
+    sd.add_argument("--num-shards", type=int, default=1, help="run one process per shard")
+    sd.add_argument("--shard", type=int, default=0, help="prompt k goes to shard k %% shards")
+    sd.add_argument("--threads", type=int, default=1)
+    sd.set_defaults(fn=_cmd_self_distill)
 
     ev = sub.add_parser("eval", help="quality evaluation: followeval, ifeval, lossless")
     ev.add_argument("what", choices=["followeval", "ifeval", "lossless"])

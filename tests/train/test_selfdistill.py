@@ -46,6 +46,52 @@ def test_answers_are_the_targets_greedy_tokens_and_resume(tmp_path, smollm2):
 def test_config_is_validated():
     with pytest.raises(ValueError, match=">= 1"):
         SelfDistillConfig(out="x", prompts=0)
+    with pytest.raises(ValueError, match="shard"):
+        SelfDistillConfig(out="x", num_shards=2, shard=2)
+
+
+@pytest.mark.slow
+def test_shards_split_the_prompts_and_train_draft_reads_the_files(tmp_path, smollm2):
+    """Shard k of K takes every K-th prompt: the shards are disjoint and together they are the
+    unsharded prompt list. The CLI writes a shard; `--data` reads packs and .jsonl files in
+    order."""
+    import itertools
+
+    from coralline.cli import main
+    from coralline.train.data import Example, save_pack
+    from coralline.train.selfdistill import _prompts
+    from coralline.train.trainer import TrainConfig, load_conversations
+
+    tok = smollm2.tokenizer
+    whole = list(itertools.islice(_prompts(tok, SelfDistillConfig(out="x")), 6))
+    shards = [
+        list(itertools.islice(_prompts(tok, SelfDistillConfig(out="x", num_shards=2, shard=k)), 3))
+        for k in (0, 1)
+    ]
+    assert [p for pair in zip(*shards, strict=True) for p in pair] == whole
+
+    out = tmp_path / "shard1.jsonl"
+    args = ["self-distill", "--out", str(out), "--prompts", "2", "--num-shards", "2",
+            "--shard", "1", "--max-new-tokens", "8", "--batch", "2"]  # fmt: skip
+    assert main(args) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in recs] == [conv_id for conv_id, _ in shards[1][:2]]
+    assert [r["input_ids"][: len(p)] for r, (_, p) in zip(recs, shards[1], strict=False)] == [
+        p for _, p in shards[1][:2]
+    ]
+
+    pack = save_pack([Example("a", [1, 2, 3], [0, 1, 1])], tmp_path / "p.npz", {})
+    cfg = TrainConfig(features="", out="", data=f"{pack},{out}", max_tokens=448)
+    convs = load_conversations(cfg)  # (load_examples keeps answers of >= 8 tokens)
+    assert [c["input_ids"].tolist() for c in convs] == [[1, 2, 3]] + [r["input_ids"] for r in recs]
+    assert [c["loss_mask"].tolist() for c in convs[1:]] == [
+        [bool(m) for m in r["loss_mask"]] for r in recs
+    ]
+    with pytest.raises(ValueError, match="not 'sharegpt' nor a file"):
+        load_conversations(TrainConfig(features="", out="", data=str(tmp_path / "none.jsonl")))
+    (tmp_path / "data.txt").write_text("text")
+    with pytest.raises(ValueError, match="unknown training data"):
+        load_conversations(TrainConfig(features="", out="", data=str(tmp_path / "data.txt")))
 
 
 def test_train_draft_without_any_data_is_a_clear_error(tmp_path):

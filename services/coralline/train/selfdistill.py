@@ -35,15 +35,20 @@ class SelfDistillConfig:
     max_new_tokens: int = 256
     batch_size: int = 32  # ~160 tok/s on one CPU thread at 32 (4x batch 1)
     heldout_fraction: float = 0.02  # must match the dump's: held-out prompts are never used
+    num_shards: int = 1  # prompt k belongs to shard k % num_shards: several processes (one
+    shard: int = 0  # per core, each its own file) generate disjoint answers in parallel
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("prompts, batch_size and max_new_tokens must be >= 1")
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"shard must be in [0, {self.num_shards}), got {self.shard}")
 
 
 def _prompts(tokenizer, cfg: SelfDistillConfig) -> Iterator[tuple[str, list[int]]]:
     from coralline.train.data import conversations
 
+    k = 0
     for conv in conversations("train", cfg.heldout_fraction):
         first = conv["messages"][0]
         if first["role"] != "user":
@@ -52,7 +57,9 @@ def _prompts(tokenizer, cfg: SelfDistillConfig) -> Iterator[tuple[str, list[int]
             [first], tokenize=True, add_generation_prompt=True, return_dict=False
         )
         if 4 <= len(ids) <= cfg.max_prompt_tokens:
-            yield conv["id"], list(ids)
+            if k % cfg.num_shards == cfg.shard:
+                yield conv["id"], list(ids)
+            k += 1
 
 
 def generate(cfg: SelfDistillConfig) -> Path:

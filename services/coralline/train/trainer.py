@@ -56,9 +56,10 @@ from coralline.train.features import load_shards
 class TrainConfig:
     features: str  # folder(s) written by features.dump, comma-separated ("" = online)
     out: str  # checkpoint folder
-    data: str = ""  # online training (no dump): a pack file (data.build_pack) or "sharegpt";
-    # the target computes each batch's features on `device`
-    max_tokens: int = 384  # per conversation, when data == "sharegpt"
+    data: str = ""  # online training (no dump): comma-separated sources, each a pack file
+    # (data.build_pack), "sharegpt" or a self-distillation .jsonl (train/selfdistill.py); the
+    # target computes each batch's features on `device`
+    max_tokens: int = 384  # per conversation, for "sharegpt" and .jsonl sources
     device: str = "cpu"  # "cuda" trains head and (online) target on the GPU
     batch: int = 1  # conversations per forward (right-padded); 1 = the CPU recipe
     time_limit_s: float = 0.0  # 0 = none; else phase 1 + 2 stop after this many seconds
@@ -253,31 +254,51 @@ def _data_hash(convs: list[dict]) -> str:
 
 
 def load_conversations(cfg: TrainConfig, tokenizer=None) -> list[dict]:
-    """The training conversations: dumped features, or (online) a pack / ShareGPT rendered now."""
+    """The training conversations: dumped features, or (online) the sources of `cfg.data`,
+    comma-separated and concatenated in order: "sharegpt" (rendered now), a pack (.npz) or a
+    self-distillation file (.jsonl, the target's own answers: train/selfdistill.py)."""
     if cfg.features and cfg.data:
         raise ValueError("give dumped features or online data, not both")
     if cfg.features:
         convs = [c for folder in cfg.features.split(",") for c in load_shards(folder)]
-    elif cfg.data == "sharegpt":
+    elif cfg.data:
+        convs = [c for src in cfg.data.split(",") for c in _online_source(src, cfg, tokenizer)]
+    else:
+        raise ValueError("no training data: give dumped features or online data")
+    return convs[: cfg.max_conversations] if cfg.max_conversations else convs
+
+
+def _online_source(src: str, cfg: TrainConfig, tokenizer) -> list[dict]:
+    if src == "sharegpt":
         from coralline.train.data import training_examples
 
         if tokenizer is None:
             raise ValueError("rendering ShareGPT needs the target's tokenizer")
-        stream = training_examples(tokenizer, cfg.max_tokens)
-        convs = [
-            {
-                "input_ids": torch.tensor(ex.input_ids),
-                "loss_mask": torch.tensor(ex.loss_mask, dtype=torch.bool),
-            }
-            for ex in itertools.islice(stream, cfg.max_conversations or None)
-        ]
-    elif cfg.data:
+        examples = itertools.islice(
+            training_examples(tokenizer, cfg.max_tokens), cfg.max_conversations or None
+        )
+    elif not Path(src).is_file():
+        raise ValueError(f"training data {src!r} is not 'sharegpt' nor a file")
+    elif src.endswith(".jsonl"):
+        from coralline.train.selfdistill import load_examples
+
+        examples = load_examples(src, cfg.max_tokens)
+    elif src.endswith(".npz"):
         from coralline.train.data import load_pack
 
-        convs = load_pack(cfg.data)[0]
+        return load_pack(src)[0]
     else:
-        raise ValueError("no training data: give dumped features or online data")
-    return convs[: cfg.max_conversations] if cfg.max_conversations else convs
+        raise ValueError(
+            f"unknown training data {src!r}: 'sharegpt', a pack (.npz) or a self-distillation "
+            "file (.jsonl)"
+        )
+    return [
+        {
+            "input_ids": torch.tensor(ex.input_ids),
+            "loss_mask": torch.tensor(ex.loss_mask, dtype=torch.bool),
+        }
+        for ex in examples
+    ]
 
 
 def train(cfg: TrainConfig, log=print) -> Path:

@@ -80,7 +80,7 @@ def test_shards_split_the_prompts_and_train_draft_reads_the_files(tmp_path, smol
         p for _, p in shards[1][:2]
     ]
 
-    pack = save_pack([Example("a", [1, 2, 3], [0, 1, 1])], tmp_path / "p.npz", {})
+    pack = save_pack([Example("a", [1, 2, 3], [0, 1, 1])], tmp_path / "pack", {})  # any name
     cfg = TrainConfig(features="", out="", data=f"{pack},{out}", max_tokens=448)
     convs = load_conversations(cfg)  # (load_examples keeps answers of >= 8 tokens)
     assert [c["input_ids"].tolist() for c in convs] == [[1, 2, 3]] + [r["input_ids"] for r in recs]

@@ -41,6 +41,7 @@ import math
 import random
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -255,7 +256,7 @@ def _data_hash(convs: list[dict]) -> str:
 
 def load_conversations(cfg: TrainConfig, tokenizer=None) -> list[dict]:
     """The training conversations: dumped features, or (online) the sources of `cfg.data`,
-    comma-separated and concatenated in order: "sharegpt" (rendered now), a pack (.npz) or a
+    comma-separated and concatenated in order: "sharegpt" (rendered now), a pack (any name) or a
     self-distillation file (.jsonl, the target's own answers: train/selfdistill.py)."""
     if cfg.features and cfg.data:
         raise ValueError("give dumped features or online data, not both")
@@ -283,14 +284,14 @@ def _online_source(src: str, cfg: TrainConfig, tokenizer) -> list[dict]:
         from coralline.train.selfdistill import load_examples
 
         examples = load_examples(src, cfg.max_tokens)
-    elif src.endswith(".npz"):
+    elif zipfile.is_zipfile(src):  # a pack is an .npz (a zip), whatever its file name
         from coralline.train.data import load_pack
 
         return load_pack(src)[0]
     else:
         raise ValueError(
-            f"unknown training data {src!r}: 'sharegpt', a pack (.npz) or a self-distillation "
-            "file (.jsonl)"
+            f"unknown training data {src!r}: 'sharegpt', a pack (--write-pack) or a "
+            "self-distillation file (.jsonl)"
         )
     return [
         {

@@ -153,11 +153,48 @@ def test_greedy_coral_equals_target_greedy_on_a_tiny_model():
     runner = TargetRunner(target, None)
     ids = [1, 3, 5, 7]
     ref = target.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, 4:].tolist()
-    for grouped in (False, True):
-        drafter = CoralDrafter(
-            head, CoralDrafterConfig(depth=3, top_k=3, max_nodes=10, grouped=grouped)
-        )
+    for grouped, lookup in ((False, False), (True, False), (True, True)):
+        cfg = CoralDrafterConfig(depth=3, top_k=3, max_nodes=10, grouped=grouped, lookup=lookup)
+        drafter = CoralDrafter(head, cfg)
         assert generate_ids(Engine(runner, drafter), ids, SamplingParams(max_new_tokens=20)) == ref
+
+
+@pytest.mark.parametrize("budget", ["max", "auto"])
+def test_lookup_puts_the_earlier_continuation_into_the_tree(budget):
+    """The context ends with (4, 5), seen before followed by 6 7 8 9: that continuation is a
+    path from the root, merged with the head's nodes where they agree; values fall along
+    every path, so the chosen set is a tree."""
+    target, head = _head(vocab=16, seed=5)
+    runner = TargetRunner(target, None)
+    ids = [1, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5]
+    feats = runner.prefill(ids)
+    cfg = CoralDrafterConfig(depth=2, top_k=3, max_nodes=12, budget=budget, lookup=True)
+    drafter = CoralDrafter(head, cfg)
+    drafter.lookup_rate.rate = 0.95  # as if lookup had been right: the chooser keeps its nodes
+    params = SamplingParams(max_new_tokens=8)
+    tree = drafter.propose(ids, feats, params, torch.Generator()).tree
+    node, path = 0, []
+    for tok in (6, 7, 8, 9):
+        node = next(c for c in tree.children[node] if tree.token_list[c] == tok)
+        path.append(node)
+    assert len(path) == 4  # deeper than the head's depth 2: lookup nodes need no forward
+    siblings = [tree.token_list[c] for c in tree.children[0]]
+    assert len(siblings) == len(set(siblings))  # merged, not duplicated
+    assert drafter._last_chain == [6, 7, 8, 9, 2, 3, 4, 5][: cfg.lookup_tokens]
+    # the next round learns from the outcome: 6 and 7 accepted, then the target said 1
+    before = drafter.lookup_rate.rate
+    drafter.propose([6, 7, 1], runner.prefill([*ids, 6, 7, 1])[-3:], params, torch.Generator())
+    assert drafter.lookup_rate.rate != before
+
+
+def test_registry_names_and_configs_agree():
+    from coralline.draft.registry import DRAFTERS, coral_config
+
+    for name in (n for n in DRAFTERS if n.startswith("coral")):
+        assert coral_config(name).registry_name() == name
+    with pytest.raises(ValueError, match="unknown CORAL drafter"):
+        coral_config("coral-nonsense")
+    assert coral_config("coral").lookup and not coral_config("coral-eagle2").lookup
 
 
 def test_router_stage_learns_where_the_heads_mass_lies():

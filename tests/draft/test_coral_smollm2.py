@@ -20,7 +20,7 @@ def test_a_head_ships_for_the_default_target():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["coral", "coral-eagle2", "coral-chain"])
+@pytest.mark.parametrize("name", ["coral", "coral-nolookup", "coral-eagle2-lookup", "coral-chain"])
 def test_greedy_with_coral_equals_target_greedy(smollm2, name):
     drafter = make_drafter(name, smollm2)
     taus = []

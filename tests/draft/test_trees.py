@@ -5,6 +5,7 @@ import pytest
 from coralline.draft.trees import (
     AcceptanceStats,
     CostModel,
+    LookupRate,
     choose_budget,
     select_dynamic,
     template,
@@ -75,3 +76,20 @@ def test_acceptance_stats_learn_the_accepted_rank():
     assert stats.alpha[0] < 0.1
     stats.update(children, [0], predicted=2.0)
     assert stats.calibration < 1.0
+
+
+def test_lookup_rate_counts_reached_and_accepted_lookup_tokens():
+    from coralline.tree import TokenTree
+
+    # root 9 -> 1 -> 2 -> 3 (the lookup chain), root -> 5 (a head node)
+    tree = TokenTree.from_parents([9, 1, 2, 3, 5], [-1, 0, 1, 2, 0])
+    rate = LookupRate()
+    for _ in range(60):
+        rate.update([1, 2, 3, 4], tree, [0, 1, 2])  # 3 of the chain in the tree, 2 accepted
+    assert rate.rate == pytest.approx(2 / 3, abs=0.01)
+    for _ in range(60):
+        rate.update([1, 2], tree, [0, 4])  # the head's node won: 1 reached, 0 accepted
+    assert rate.rate < 0.1  # forgets the old successes (decay 0.95 per round)
+    before = rate.rate
+    rate.update([7, 8], tree, [0])  # the budget left the chain out: nothing learned
+    assert rate.rate == before

@@ -12,6 +12,17 @@ tokens and the next token's embedding, see draft/coral.py). Each round:
           T > 0: a template fixed BEFORE drawing (draft/trees.py), children drawn without
           replacement from each node's warped draft row truncated to draft_top_k tokens, sent as
           SparseRows: Traversal Verification / RRSw verify it losslessly
+  lookup  T = 0, when `lookup` is set: the prompt-lookup continuation (draft/ngram.py: what
+          followed the latest earlier occurrence of the context's last 2-3 tokens) joins the
+          candidates before the tree is chosen. Its k-th token is worth rate^k (rate = the
+          measured acceptance of lookup tokens, LookupRate); where the head proposed the same
+          token the candidate keeps the higher value. Lookup nodes need no head forward, so
+          they are nearly free to draft; they compete with the head's for the same budget.
+          Why: the head alone reaches tau ~3.1 with 60 nodes on held-out prompts, and
+          answers often repeat their prompt or themselves (names, code, lists), where a copy
+          is right more often than a one-layer head. At T = 0 any tree is lossless (greedy
+          verification); T > 0 trees stay the head's SWOR draws (no lookup: the draws must be
+          a prefix of the draft row's SWOR order).
   budget  the tree size maximising expected tokens per second under the cost table (measured
           once, then fixed) and the acceptance statistics of this sequence (draft/trees.py):
           both are deterministic given the history, so a seed reproduces a generation
@@ -32,9 +43,11 @@ import torch
 
 from coralline.draft.base import DraftProposal
 from coralline.draft.coral import CoralHead
+from coralline.draft.ngram import NgramConfig, NgramDrafter
 from coralline.draft.trees import (
     AcceptanceStats,
     CostModel,
+    LookupRate,
     choose_budget,
     select_dynamic,
     template,
@@ -62,9 +75,21 @@ class CoralDrafterConfig:
     # (the chooser keeps a few nodes on a CPU: expanding 10 per layer only adds drafting time).
     # Measured with the shipped head, 8 held-out prompts x 64 tokens, 2-core CPU, x plain:
     # min_value 0.15 / 0.3 / 0.5 with width 10: 1.09 / 1.19 / 1.24; width 4: 1.22 / 1.24 / 1.26
+    root_top_k: int = 0  # children of the root at T = 0 (0 = the layer width)
+    lookup: bool = False  # T = 0: also offer the prompt-lookup continuation (draft/ngram.py)
+    lookup_tokens: int = 8  # its length; its nodes compete with the head's by estimated value
+
+    def registry_name(self) -> str:
+        """The name draft/registry.py builds this configuration under."""
+        if self.chain:
+            return "coral-chain"
+        if self.budget == "max":
+            return "coral-eagle2-lookup" if self.lookup else "coral-eagle2"
+        name = "coral" if self.grouped else "coral-full"
+        return name if self.lookup else f"{name}-nolookup"
 
     def __post_init__(self) -> None:
-        if min(self.depth, self.top_k, self.max_nodes, self.auto_top_k) < 1:
+        if min(self.depth, self.top_k, self.max_nodes, self.auto_top_k, self.lookup_tokens) < 1:
             raise ValueError("depth, top_k, auto_top_k and max_nodes must be >= 1")
         if self.budget not in ("auto", "max"):
             raise ValueError("budget must be 'auto' or 'max'")
@@ -82,17 +107,11 @@ class CoralDrafter:
         self.head = head.eval()
         self.config = config or CoralDrafterConfig()
         self.cost = cost or CostModel()
+        self._lookup = NgramDrafter(NgramConfig(num_tokens=self.config.lookup_tokens))
         self.shadow_full_head = False  # measurement only: also time the full LM head on the
         # grouped head's very nodes (full_lm_head_ms), for the paired grouped-vs-full figure
         self.chain_only = self.config.chain
-        # the registry's names: coral (grouped head), coral-full, coral-eagle2 (fixed 60 nodes),
-        # coral-chain (grouped head, one draft sequence)
-        if self.config.chain:
-            self.name = "coral-chain"
-        elif self.config.grouped:
-            self.name = "coral"
-        else:
-            self.name = "coral-eagle2" if self.config.budget == "max" else "coral-full"
+        self.name = self.config.registry_name()
         self.reset()
 
     def reset(self) -> None:
@@ -101,10 +120,13 @@ class CoralDrafter:
         from transformers import DynamicCache
 
         self.stats = AcceptanceStats()
+        self._lookup.reset()
+        self.lookup_rate = LookupRate()
         self.cache = DynamicCache(config=self.head.config.llama_config())
         self.num_cached = 0
         self.last_out: torch.Tensor | None = None  # [d] head output at the last position
         self._last: tuple[TokenTree, float | None] | None = None
+        self._last_chain: list[int] = []  # the lookup continuation offered last round
         self.lm_head_ms = 0.0  # time spent in LM-head matmuls (for the grouped-head figure)
         self.full_lm_head_ms = 0.0  # the full head on the same nodes (shadow_full_head)
 
@@ -163,6 +185,9 @@ class CoralDrafter:
             node = nxt
         self.stats.update(tree.children, path, predicted)
         self._last = None
+        if self._last_chain:
+            self.lookup_rate.update(self._last_chain, tree, path)
+            self._last_chain = []
 
     # ------------------------------------------------------------------ proposals
     @torch.inference_mode()
@@ -174,6 +199,7 @@ class CoralDrafter:
         generator: torch.Generator,
     ) -> DraftProposal:
         self._observe(new_ids)
+        self._lookup.context.extend(int(t) for t in new_ids)
         self._sync(new_ids, new_features)
         root = int(new_ids[-1])
         try:
@@ -219,6 +245,8 @@ class CoralDrafter:
             ids, probs = self._dist(feats, params)
             per_layer = cfg.auto_top_k if cfg.budget == "auto" else cfg.top_k
             width = 1 if cfg.chain else per_layer
+            if depth == 1 and cfg.root_top_k and not cfg.chain:
+                width = cfg.root_top_k
             top = torch.topk(probs, min(width, probs.shape[1]), dim=1)
             layer = []
             for f, n in enumerate(frontier):
@@ -238,6 +266,8 @@ class CoralDrafter:
             best = math.exp(scores[frontier[0]]) * self.stats.calibration
             if cfg.budget == "auto" and best < cfg.min_value:
                 break  # deeper layers cannot pay for their head forwards
+        if cfg.lookup:
+            self._merge_lookup(tokens, parents, scores, depth_of)
         cand = list(range(1, len(tokens)))
         values = sorted((math.exp(scores[i]) for i in cand), reverse=True)
         budget = (
@@ -258,6 +288,32 @@ class CoralDrafter:
         predicted = sum(math.exp(scores[cand[c]]) for c in keep)
         self._last = (tree, predicted)
         return DraftProposal(tree, None)
+
+    def _merge_lookup(self, tokens, parents, scores, depth_of) -> None:
+        """Add the prompt-lookup continuation to the candidates (in place). Each of its tokens
+        gets the value rate^k (k = its depth, rate = the measured acceptance of lookup tokens);
+        where the head proposed the same token the candidate keeps the higher value. Scores
+        stay non-increasing along every path, so the selection is still a tree."""
+        paths = self._lookup.paths()
+        if not paths:
+            return
+        chain = self._last_chain = paths[0]
+        children: dict[tuple[int, int], int] = {}
+        for i in range(1, len(tokens)):
+            children.setdefault((parents[i], tokens[i]), i)
+        node, log_rate = 0, math.log(self.lookup_rate.rate)
+        for k, tok in enumerate(chain, start=1):
+            value = k * log_rate
+            child = children.get((node, tok))
+            if child is None:
+                tokens.append(tok)
+                parents.append(node)
+                scores.append(value)
+                depth_of.append(depth_of[node] + 1)
+                child = len(tokens) - 1
+            else:
+                scores[child] = max(scores[child], value)
+            node = child
 
     def _sampled(self, root: int, params: SamplingParams, gen: torch.Generator) -> DraftProposal:
         """A template fixed before drawing; SWOR children from truncated warped draft rows."""

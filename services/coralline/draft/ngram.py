@@ -55,9 +55,10 @@ class NgramDrafter:
         generator: torch.Generator,
     ) -> DraftProposal:
         self.context.extend(int(t) for t in new_ids)
-        return DraftProposal(TokenTree.from_paths(self.context[-1], self._paths()), None)
+        return DraftProposal(TokenTree.from_paths(self.context[-1], self.paths()), None)
 
-    def _paths(self) -> list[list[int]]:
+    def paths(self) -> list[list[int]]:
+        """Distinct continuations of the context's suffix, the most recent match first."""
         ctx, cfg = self.context, self.config
         n = len(ctx)
         paths: list[list[int]] = []

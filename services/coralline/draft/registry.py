@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from importlib import resources
 
-DRAFTERS = ("coral", "coral-full", "coral-eagle2", "coral-chain", "ngram", "ngram-tree", "none")
+DRAFTERS = (
+    "coral",
+    "coral-nolookup",
+    "coral-full",
+    "coral-eagle2",
+    "coral-eagle2-lookup",
+    "coral-chain",
+    "ngram",
+    "ngram-tree",
+    "none",
+)
 
 
 def shipped_head(model: str):
@@ -19,10 +29,14 @@ def shipped_head(model: str):
 def make_drafter(name: str, target=None, checkpoint: str | None = None):
     """A drafter by name (the drafter service will use the same names).
 
-    coral          the CORAL head with the grouped LM head, tree size by the budget chooser
-    coral-full     the same with the full LM head
-    coral-eagle2   the full LM head and EAGLE-2's fixed tree (depth 6, top-k 10, 60 nodes)
-    coral-chain    the grouped head drafting one sequence (for the chain-only verifiers)
+    coral                the CORAL head with the grouped LM head, tree size by the budget
+                         chooser, plus the prompt-lookup continuation at T = 0 (the default)
+    coral-nolookup       the same without prompt lookup (the head's own trees)
+    coral-full           coral with the full LM head
+    coral-eagle2         the full LM head and EAGLE-2's fixed tree (depth 6, top-k 10, 60 nodes):
+                         the head's tau reference
+    coral-eagle2-lookup  the same 60 nodes shared with the prompt-lookup continuation
+    coral-chain          the grouped head drafting one sequence (for the chain-only verifiers)
     """
     from coralline.draft.ngram import NgramConfig, NgramDrafter
 
@@ -34,7 +48,7 @@ def make_drafter(name: str, target=None, checkpoint: str | None = None):
         return NgramDrafter(NgramConfig(max_paths=4))
     if name.startswith("coral"):
         from coralline.draft.coral import CoralHead
-        from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
+        from coralline.draft.coral_drafter import CoralDrafter
 
         if target is None:
             raise ValueError("the CORAL drafter needs the target model (its embedding and head)")
@@ -46,14 +60,26 @@ def make_drafter(name: str, target=None, checkpoint: str | None = None):
                 "and pass --draft-checkpoint DIR"
             )
         head = CoralHead.load(str(path)).attach(target.model)
-        config = {
-            "coral": CoralDrafterConfig(grouped=True),
-            "coral-full": CoralDrafterConfig(grouped=False),
-            "coral-eagle2": CoralDrafterConfig(budget="max", grouped=False),
-            "coral-chain": CoralDrafterConfig(grouped=True, chain=True),
-        }[name]
-        return CoralDrafter(head, config)
+        return CoralDrafter(head, coral_config(name))
     raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
+
+
+def coral_config(name: str):
+    """The CoralDrafterConfig behind a registry name (coral, coral-full, ...)."""
+    from coralline.draft.coral_drafter import CoralDrafterConfig
+
+    configs = [
+        CoralDrafterConfig(grouped=True, lookup=True),
+        CoralDrafterConfig(grouped=True),
+        CoralDrafterConfig(grouped=False, lookup=True),
+        CoralDrafterConfig(budget="max", grouped=False),
+        CoralDrafterConfig(budget="max", grouped=False, lookup=True),
+        CoralDrafterConfig(grouped=True, chain=True),
+    ]
+    by_name = {c.registry_name(): c for c in configs}
+    if name not in by_name:
+        raise ValueError(f"unknown CORAL drafter {name!r}; choose one of: {', '.join(by_name)}")
+    return by_name[name]
 
 
 def default_drafter(model: str) -> str:

@@ -207,3 +207,32 @@ class AcceptanceStats:
             observed = len(path) - 1
             ratio = max(0.05, min(3.0, observed / predicted))
             self.calibration = self.decay * self.calibration + (1 - self.decay) * ratio
+
+
+@dataclass
+class LookupRate:
+    """Running acceptance rate of prompt-lookup tokens put into a tree: accepted lookup tokens /
+    lookup tokens reached (a token is reached when all before it were accepted)."""
+
+    rate: float = 0.5
+    decay: float = 0.95
+    _offered: float = 4.0  # a prior worth four observations
+    _taken: float = 2.0
+
+    def update(self, chain: Sequence[int], tree, path: Sequence[int]) -> None:
+        """chain: the lookup tokens offered; tree: the TokenTree sent; path: its accepted nodes."""
+        node, reached, taken = 0, 0, 0
+        for k, tok in enumerate(chain):
+            nxt = next((c for c in tree.children[node] if tree.token_list[c] == tok), None)
+            if nxt is None:
+                break  # the budget left the rest of the chain out
+            reached += 1
+            if k + 1 >= len(path) or path[k + 1] != nxt:
+                break
+            taken += 1
+            node = nxt
+        if reached == 0:
+            return
+        self._offered = self.decay * self._offered + reached
+        self._taken = self.decay * self._taken + taken
+        self.rate = min(0.95, max(0.05, self._taken / self._offered))

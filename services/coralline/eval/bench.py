@@ -12,8 +12,10 @@ Methods, T = 0 (greedy; every output must equal HF greedy token for token):
                      says so)
   engine_plain       the engine without a drafter (the same loop as speculation)
   ngram, ngram-tree  model-free n-gram drafting (chain; 4 paths)
-  coral-full         CORAL head, full LM head, tree size from the budget chooser
-  coral              CORAL head, grouped LM head + router, budget chooser (the default drafter)
+  coral-full         CORAL head, full LM head, tree size from the budget chooser, + prompt lookup
+  coral              CORAL head, grouped LM head + router, budget chooser, + prompt lookup (the
+                     default drafter)
+  coral-nolookup     the same without prompt lookup (the head's own trees)
   coral-eagle2       CORAL head, full LM head, EAGLE-2's fixed 60-node tree (tau reference)
 Methods, T = 1 (seeded; speedup over HF sampling): hf_sample, engine_plain, the CORAL tree
 verified by traversal / RRSw / EAGLE's verifier, and the CORAL chain verified by token-level
@@ -100,6 +102,7 @@ def methods(assistant: bool) -> list[Method]:
         Method("ngram-tree", 0.0, "engine", "ngram-tree"),
         Method("coral-full", 0.0, "engine", "coral-full"),
         Method("coral", 0.0, "engine", "coral"),
+        Method("coral-nolookup", 0.0, "engine", "coral-nolookup"),
         Method("coral-eagle2", 0.0, "engine", "coral-eagle2"),
     ]
     t1 = [

@@ -143,12 +143,14 @@ def measure_t0(runner, drafter, encoded, params, reference=None) -> dict:
 
 def lm_head_paired(runner, head, encoded, params) -> dict:
     """Grouped vs full LM head on the very same draft nodes: the shipped drafter (chooser +
-    grouped head) generates every prompt while the full head is also timed on each batch of
-    nodes the grouped head scores (its output unused; tokens/s of this pass is not reported)."""
-    from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
+    grouped head + lookup) generates every prompt while the full head is also timed on each
+    batch of nodes the grouped head scores (its output unused; tokens/s of this pass is not
+    reported)."""
+    from coralline.draft.coral_drafter import CoralDrafter
+    from coralline.draft.registry import coral_config
     from coralline.engine import Engine
 
-    drafter = CoralDrafter(head, CoralDrafterConfig(grouped=True))
+    drafter = CoralDrafter(head, coral_config("coral"))
     drafter.shadow_full_head = True
     grouped = full = 0.0
     rounds = 0
@@ -167,7 +169,8 @@ def lm_head_paired(runner, head, encoded, params) -> dict:
 
 def ablation_rows(runner, paths: list[str], encoded, params, reference=None) -> list[dict]:
     """Per checkpoint: tau and tokens/s with EAGLE-2's 60-node tree (full LM head: the head's
-    quality) and with the budget chooser + grouped head (what ships; needs a trained router)."""
+    quality) and with the budget chooser + grouped head (needs a trained router); both without
+    prompt lookup, so the rows compare heads only."""
     from coralline.draft.coral import CoralHead
     from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
 
@@ -195,7 +198,7 @@ def run(
 ) -> dict:
     from coralline.draft.coral import CoralHead
     from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
-    from coralline.draft.registry import shipped_head
+    from coralline.draft.registry import coral_config, shipped_head
     from coralline.engine import Engine, EngineConfig
     from coralline.sampling import SamplingParams
     from coralline.target import TargetRunner
@@ -228,11 +231,13 @@ def run(
             "plain_tokens_per_second": plain["tokens_per_second"],
             "ablations": abl,
         }
-    configs = {
+    configs = {  # the drafters by their registry names (draft/registry.py)
         "plain": None,
-        "coral_eagle2_tree60_full": CoralDrafterConfig(budget="max", grouped=False),
-        "coral_auto_full": CoralDrafterConfig(grouped=False),
-        "coral_auto_grouped": CoralDrafterConfig(grouped=True),
+        "coral_eagle2_tree60_full": coral_config("coral-eagle2"),  # the head alone
+        "coral_eagle2_tree60_lookup": coral_config("coral-eagle2-lookup"),
+        "coral_auto_grouped_nolookup": coral_config("coral-nolookup"),
+        "coral_auto_full": coral_config("coral-full"),
+        "coral_auto_grouped": coral_config("coral"),  # what ships (the default drafter)
     }
     t0_results: dict[str, dict] = {}
     reference: list[list[int]] | None = None

@@ -68,13 +68,15 @@ class CoralDrafterConfig:
     draft_top_k: int = 32  # support of sampled draft rows (SparseRows K)
     chain: bool = False  # one child per node (a single draft sequence): what the chain-only
     # verifiers (token_level, block) need; T = 0 keeps the best child, T > 0 draws one
-    min_value: float = 0.3  # auto budget: stop expanding when no new node is expected to be
+    min_value: float = 0.5  # auto budget: stop expanding when no new node is expected to be
     # accepted with probability above this (calibrated path probability): a head forward per
     # layer costs more than such nodes return
     auto_top_k: int = 4  # auto budget at T = 0: children per node and nodes expanded per layer
     # (the chooser keeps a few nodes on a CPU: expanding 10 per layer only adds drafting time).
-    # Measured with the shipped head, 8 held-out prompts x 64 tokens, 2-core CPU, x plain:
-    # min_value 0.15 / 0.3 / 0.5 with width 10: 1.09 / 1.19 / 1.24; width 4: 1.22 / 1.24 / 1.26
+    # Measured on 8 held-out tuning prompts x 64 tokens, 2-core CPU, x plain in the same run:
+    # head gpu2, no lookup: min_value 0.15 / 0.3 / 0.5 with width 10: 1.09 / 1.19 / 1.24; width
+    # 4: 1.22 / 1.24 / 1.26. Head sd1 with lookup (two runs each, +-0.05): min_value 0.3 / 0.5 /
+    # 0.7 / 0.9: 1.25 / 1.31 / 1.31 / 1.28; width 6 at 0.5 / 0.7: 1.30 / 1.31; no lookup 1.21
     root_top_k: int = 0  # children of the root at T = 0 (0 = the layer width)
     lookup: bool = False  # T = 0: also offer the prompt-lookup continuation (draft/ngram.py)
     lookup_tokens: int = 8  # its length; its nodes compete with the head's by estimated value

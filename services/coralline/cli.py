@@ -126,6 +126,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             ablations=args.ablation,
             checkpoint=args.draft_checkpoint,
             ablation_only=args.ablation_only,
+            tau_prompts=args.tau_prompts,
         )
     return 0
 
@@ -321,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ablation", action="append", help="coral: another checkpoint to compare")
     b.add_argument(
         "--ablation-only", action="store_true", help="coral: only plain + the --ablation heads"
+    )
+    b.add_argument(
+        "--tau-prompts",
+        type=int,
+        default=0,
+        help="coral: only the 60-node tau, head alone and with lookup, on N held-out prompts",
     )
     b.add_argument("--model", default=None, help="all: the target (default SmolLM2-135M)")
     b.add_argument(

@@ -117,3 +117,18 @@ def test_coral_ablation_bench_measures_each_checkpoint(tmp_path):
     for label in ("tree60_full", "auto_grouped"):
         assert row[label]["identical"], label  # greedy outputs equal plain decoding
         assert row[label]["tau"] > 1.0 and row[label]["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_coral_tau_by_prompt_set_reports_the_head_alone_and_with_lookup(tmp_path):
+    out = tmp_path / "tau.json"
+    res = _cli("bench", "coral", "--quick", "--tau-prompts", "3", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["tau"]) == {"coral-eagle2", "coral-eagle2-lookup"}
+    for row in rep["tau"].values():
+        assert set(row) == {"bench", "all"}  # 3 prompts: all of them in the bench's set
+        assert row["all"]["prompts"] == 3 and row["all"]["rounds"] == row["bench"]["rounds"]
+        assert 1.0 < row["all"]["tau"] <= 1 + 59  # a trained head drafts; at most 59 drafts
+    bad = _cli("bench", "coral", "--tau-prompts", "-1")
+    assert bad.returncode == 2 and "--tau-prompts must be >= 0" in bad.stderr

@@ -191,12 +191,46 @@ def ablation_rows(runner, paths: list[str], encoded, params, reference=None) -> 
     return rows
 
 
+def tau_by_prompt_set(runner, head, n_prompts: int, n_tokens: int = 64) -> dict:
+    """60-node EAGLE-2 tau (full LM head), the head alone and sharing the nodes with prompt
+    lookup, on the first n_prompts held-out prompts, split as the benches use them: "bench"
+    (the first 6, `coralline bench coral`'s), "tuning" (the next 8, where budgets were tuned)
+    and "others"; "all" pools them. tau = 1 + accepted drafts / rounds, summed over prompts."""
+    from coralline.draft.coral_drafter import CoralDrafter
+    from coralline.draft.registry import coral_config
+    from coralline.engine import Engine
+    from coralline.sampling import SamplingParams
+
+    prompts = heldout_prompts(runner.tokenizer, n_prompts)
+    sets = {"bench": prompts[:6], "tuning": prompts[6:14], "others": prompts[14:]}
+    params = SamplingParams(max_new_tokens=n_tokens)
+    out: dict[str, dict] = {}
+    for name in ("coral-eagle2", "coral-eagle2-lookup"):
+        drafter = CoralDrafter(head, coral_config(name))
+        row, acc_all, rounds_all = {}, 0, 0
+        for set_name, texts in sets.items():
+            acc = rounds = 0
+            for text in texts:
+                _, _, s = timed_generate(Engine(runner, drafter), runner.encode(text), params)
+                acc += round((s.acceptance_length - 1) * s.rounds)
+                rounds += s.rounds
+            if rounds:
+                row[set_name] = {"prompts": len(texts), "rounds": rounds, "tau": 1 + acc / rounds}
+            acc_all, rounds_all = acc_all + acc, rounds_all + rounds
+        tau_all = 1 + acc_all / rounds_all
+        row["all"] = {"prompts": len(prompts), "rounds": rounds_all, "tau": tau_all}
+        out[name] = row
+        print(f"  {name} done", file=sys.stderr, flush=True)
+    return out
+
+
 def run(
     quick: bool = False,
     ablations: list[str] | None = None,
     print_fn=print,
     checkpoint: str | None = None,
     ablation_only: bool = False,
+    tau_prompts: int = 0,
 ) -> dict:
     from coralline.draft.coral import CoralHead
     from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
@@ -205,6 +239,8 @@ def run(
     from coralline.sampling import SamplingParams
     from coralline.target import TargetRunner
 
+    if tau_prompts < 0:
+        raise ValueError(f"--tau-prompts must be >= 0 (got {tau_prompts})")
     torch.set_num_threads(1)
     runner = TargetRunner.load()
     ckpt = checkpoint or shipped_head(runner.config.model)
@@ -215,6 +251,17 @@ def run(
     encoded = [runner.encode(p) for p in prompts]
     head = CoralHead.load(str(ckpt)).attach(runner.model)
     greedy = SamplingParams(max_new_tokens=n_tokens)
+    if tau_prompts:
+        taus = tau_by_prompt_set(runner, head, tau_prompts, n_tokens)
+        for name, row in taus.items():
+            print_fn(f"{name}: " + ", ".join(f"{k} {v['tau']:.3f}" for k, v in row.items()))
+        return {
+            "what": "60-node tau by held-out prompt set, the head alone and with prompt lookup",
+            "checkpoint": str(ckpt),
+            "config": {"prompts": tau_prompts, "max_new_tokens": n_tokens},
+            "date": time.strftime("%Y-%m-%d"),
+            "tau": taus,
+        }
     if ablation_only:
         plain = measure_t0(runner, None, encoded, greedy)
         abl = ablation_rows(runner, ablations or [], encoded, greedy, plain["outputs"])
@@ -352,9 +399,14 @@ def main(
     ablations: list[str] | None = None,
     checkpoint: str | None = None,
     ablation_only: bool = False,
+    tau_prompts: int = 0,
 ) -> dict:
     report = run(
-        quick=quick, ablations=ablations, checkpoint=checkpoint, ablation_only=ablation_only
+        quick=quick,
+        ablations=ablations,
+        checkpoint=checkpoint,
+        ablation_only=ablation_only,
+        tau_prompts=tau_prompts,
     )
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

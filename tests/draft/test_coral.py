@@ -195,6 +195,10 @@ def test_registry_names_and_configs_agree():
     with pytest.raises(ValueError, match="unknown CORAL drafter"):
         coral_config("coral-nonsense")
     assert coral_config("coral").lookup and not coral_config("coral-eagle2").lookup
+    with pytest.raises(ValueError, match="cannot draft a chain"):
+        CoralDrafterConfig(chain=True, lookup=True)
+    with pytest.raises(ValueError, match="lookup_tokens must be >= 1"):
+        CoralDrafterConfig(lookup=True, lookup_tokens=0)
 
 
 def test_router_stage_learns_where_the_heads_mass_lies():

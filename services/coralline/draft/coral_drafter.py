@@ -77,7 +77,6 @@ class CoralDrafterConfig:
     # head gpu2, no lookup: min_value 0.15 / 0.3 / 0.5 with width 10: 1.09 / 1.19 / 1.24; width
     # 4: 1.22 / 1.24 / 1.26. Head sd1 with lookup (two runs each, +-0.05): min_value 0.3 / 0.5 /
     # 0.7 / 0.9: 1.25 / 1.31 / 1.31 / 1.28; width 6 at 0.5 / 0.7: 1.30 / 1.31; no lookup 1.21
-    root_top_k: int = 0  # children of the root at T = 0 (0 = the layer width)
     lookup: bool = False  # T = 0: also offer the prompt-lookup continuation (draft/ngram.py)
     lookup_tokens: int = 8  # its length; its nodes compete with the head's by estimated value
 
@@ -92,9 +91,11 @@ class CoralDrafterConfig:
 
     def __post_init__(self) -> None:
         if min(self.depth, self.top_k, self.max_nodes, self.auto_top_k, self.lookup_tokens) < 1:
-            raise ValueError("depth, top_k, auto_top_k and max_nodes must be >= 1")
+            raise ValueError("depth, top_k, auto_top_k, max_nodes and lookup_tokens must be >= 1")
         if self.budget not in ("auto", "max"):
             raise ValueError("budget must be 'auto' or 'max'")
+        if self.chain and self.lookup:
+            raise ValueError("lookup adds a branch beside the head's: it cannot draft a chain")
 
 
 class CoralDrafter:
@@ -247,8 +248,6 @@ class CoralDrafter:
             ids, probs = self._dist(feats, params)
             per_layer = cfg.auto_top_k if cfg.budget == "auto" else cfg.top_k
             width = 1 if cfg.chain else per_layer
-            if depth == 1 and cfg.root_top_k and not cfg.chain:
-                width = cfg.root_top_k
             top = torch.topk(probs, min(width, probs.shape[1]), dim=1)
             layer = []
             for f, n in enumerate(frontier):

@@ -91,3 +91,13 @@ def test_float_tokens_and_bad_path_node_are_errors():
         t.path(2)
     with pytest.raises(ValueError, match="prefix_len"):
         t.attention_mask(-1)
+
+
+def test_child_and_walk_follow_tokens_from_the_root():
+    # root 9 -> 1 -> 2, root -> 5 -> 2, root -> 1 (a second 1: the first in node order wins)
+    tree = TokenTree.from_parents([9, 1, 5, 2, 2, 1], [-1, 0, 0, 1, 2, 0])
+    assert tree.child(0, 1) == 1 and tree.child(0, 5) == 2 and tree.child(0, 7) is None
+    assert tree.child(2, 2) == 4
+    assert tree.walk([1, 2, 3]) == (1, 3)  # stops where the tokens leave the tree
+    assert tree.walk([5, 2]) == (2, 4)
+    assert tree.walk([]) == () and tree.walk([7, 1]) == ()

@@ -157,6 +157,22 @@ class TokenTree:
         """True when no node has more than one child (a single path from the root)."""
         return all(len(k) <= 1 for k in self.children)
 
+    def child(self, node: int, token: int) -> int | None:
+        """The child of `node` carrying `token` (the first, in node order), or None."""
+        return next((c for c in self.children[node] if self.token_list[c] == token), None)
+
+    def walk(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        """Nodes below the root spelling the longest prefix of `tokens` that is a tree path."""
+        out: list[int] = []
+        node = 0
+        for tok in tokens:
+            nxt = self.child(node, tok)
+            if nxt is None:
+                break
+            out.append(nxt)
+            node = nxt
+        return tuple(out)
+
     def path(self, node: int) -> tuple[int, ...]:
         """Node indices root..node (root first)."""
         if not 0 <= node < self.num_nodes:

@@ -179,13 +179,7 @@ class CoralDrafter:
         if self._last is None:
             return
         tree, predicted = self._last
-        path, node = [0], 0
-        for tok in new_ids[:-1]:
-            nxt = next((c for c in tree.children[node] if tree.token_list[c] == tok), None)
-            if nxt is None:
-                break
-            path.append(nxt)
-            node = nxt
+        path = [0, *tree.walk(new_ids[:-1])]
         self.stats.update(tree.children, path, predicted)
         self._last = None
         if self._last_chain:

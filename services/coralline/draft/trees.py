@@ -221,16 +221,11 @@ class LookupRate:
 
     def update(self, chain: Sequence[int], tree, path: Sequence[int]) -> None:
         """chain: the lookup tokens offered; tree: the TokenTree sent; path: its accepted nodes."""
-        node, reached, taken = 0, 0, 0
-        for k, tok in enumerate(chain):
-            nxt = next((c for c in tree.children[node] if tree.token_list[c] == tok), None)
-            if nxt is None:
-                break  # the budget left the rest of the chain out
-            reached += 1
-            if k + 1 >= len(path) or path[k + 1] != nxt:
-                break
+        offered = tree.walk(chain)  # the budget may have left the rest of the chain out
+        taken = 0
+        while taken < len(offered) and taken + 1 < len(path) and path[taken + 1] == offered[taken]:
             taken += 1
-            node = nxt
+        reached = min(len(offered), taken + 1)
         if reached == 0:
             return
         self._offered = self.decay * self._offered + reached

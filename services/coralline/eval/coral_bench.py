@@ -198,7 +198,6 @@ def tau_by_prompt_set(runner, head, n_prompts: int, n_tokens: int = 64) -> dict:
     and "others"; "all" pools them. tau = 1 + accepted drafts / rounds, summed over prompts."""
     from coralline.draft.coral_drafter import CoralDrafter
     from coralline.draft.registry import coral_config
-    from coralline.engine import Engine
     from coralline.sampling import SamplingParams
 
     prompts = heldout_prompts(runner.tokenizer, n_prompts)
@@ -209,14 +208,11 @@ def tau_by_prompt_set(runner, head, n_prompts: int, n_tokens: int = 64) -> dict:
         drafter = CoralDrafter(head, coral_config(name))
         row, acc_all, rounds_all = {}, 0, 0
         for set_name, texts in sets.items():
-            acc = rounds = 0
-            for text in texts:
-                _, _, s = timed_generate(Engine(runner, drafter), runner.encode(text), params)
-                acc += round((s.acceptance_length - 1) * s.rounds)
-                rounds += s.rounds
-            if rounds:
-                row[set_name] = {"prompts": len(texts), "rounds": rounds, "tau": 1 + acc / rounds}
-            acc_all, rounds_all = acc_all + acc, rounds_all + rounds
+            if not texts:
+                continue
+            m = measure_t0(runner, drafter, [runner.encode(t) for t in texts], params)
+            row[set_name] = {"prompts": len(texts), "rounds": m["rounds"], "tau": m["tau"]}
+            acc_all, rounds_all = acc_all + m["accepted"], rounds_all + m["rounds"]
         tau_all = 1 + acc_all / rounds_all
         row["all"] = {"prompts": len(prompts), "rounds": rounds_all, "tau": tau_all}
         out[name] = row

@@ -27,7 +27,7 @@ def verify_greedy(
     node = 0
     while True:
         best = int(torch.argmax(target_probs[node]))
-        nxt = next((c for c in tree.children[node] if tree.token_list[c] == best), None)
+        nxt = tree.child(node, best)
         if nxt is None:
             return VerifyResult(tree.path(node), best)
         node = nxt

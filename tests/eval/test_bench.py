@@ -113,7 +113,7 @@ def test_coral_ablation_bench_measures_each_checkpoint(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(out.read_text())
     (row,) = rep["ablations"]
-    assert row["checkpoint"] == head and row["recipe"]["steps"] == 3
+    assert row["checkpoint"] == report.display_path(head) and row["recipe"]["steps"] == 3
     for label in ("tree60_full", "auto_grouped"):
         assert row[label]["identical"], label  # greedy outputs equal plain decoding
         assert row[label]["tau"] > 1.0 and row[label]["speedup"] > 0

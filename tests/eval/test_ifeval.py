@@ -1,5 +1,7 @@
 """IFEval: every one of the 25 checkers on a passing and a failing response; the real data."""
 
+from pathlib import Path
+
 import pytest
 
 from coralline.eval.ifeval import (
@@ -147,3 +149,25 @@ def test_bad_data_is_a_clear_error(tmp_path):
         load_prompts(bad)
     with pytest.raises(ValueError, match="no IFEval data"):
         load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_default_data_is_the_vendored_copy_inside_the_package(monkeypatch):
+    import coralline
+
+    monkeypatch.delenv("CORALLINE_IFEVAL_DATA", raising=False)
+    path = default_data_path()
+    package = Path(coralline.__file__).resolve().parent
+    assert path.resolve().is_relative_to(package / "data" / "ifeval"), path
+    assert path.is_file() and (path.parent / "LICENSE").is_file()
+    assert len(load_prompts(path)) == 541
+
+
+def test_environment_variable_overrides_the_data_path(monkeypatch, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(
+        '{"key": 7, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], '
+        '"kwargs": [{}]}\n'
+    )
+    monkeypatch.setenv("CORALLINE_IFEVAL_DATA", str(mine))
+    assert default_data_path() == mine
+    assert [p.key for p in load_prompts(default_data_path())] == [7]

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from coralline.eval.report import display_path
 from coralline.sampling import SamplingParams
 
 # what HF assisted generation would need, per built-in target
@@ -76,6 +77,10 @@ class BenchConfig:
     def quick(cls, **kw) -> BenchConfig:
         """What CI runs: every method, one prompt per set, short answers."""
         return cls(**{"prompts_per_set": 1, "max_new_tokens": 24, **kw})
+
+
+# BenchConfig fields that may hold a filesystem path (assistant: a built-in name or a folder)
+_PATHS = ("checkpoint", "assistant", "ifeval_data")
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def prompt_sets(tokenizer, cfg: BenchConfig) -> tuple[dict[str, list[str]], list
     if path.is_file():
         sets["ifeval"] = [p.prompt for p in ifeval.load_prompts(path)[:n]]
     else:
-        notes.append(f"IFEval prompts skipped: {path} not found (pass --ifeval-data)")
+        notes.append(f"IFEval prompts skipped: {display_path(path)} not found (pass --ifeval-data)")
     sets["sharegpt_heldout"] = heldout_prompts(tokenizer, n)
     return sets, notes
 
@@ -293,7 +298,10 @@ def run(cfg: BenchConfig, command: str = "") -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command,
         "machine": machine(cfg),
-        "config": asdict(cfg),
+        "config": {
+            **asdict(cfg),
+            **{k: display_path(getattr(cfg, k)) for k in _PATHS if getattr(cfg, k)},
+        },
         "checkpoint": _ckpt(cfg, runner),
         "prompt_sets": {k: len(v) for k, v in sets.items()},
         "notes": notes,
@@ -304,7 +312,7 @@ def run(cfg: BenchConfig, command: str = "") -> dict:
 def _ckpt(cfg: BenchConfig, runner) -> str:
     from coralline.draft.registry import shipped_head
 
-    return str(cfg.checkpoint or shipped_head(runner.config.model))
+    return display_path(cfg.checkpoint or shipped_head(runner.config.model))
 
 
 def _empty() -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from coralline.engine import timed_generate
+from coralline.eval.report import display_path
 
 
 def heldout_prompts(tokenizer, n: int, max_prompt_tokens: int = 160) -> list[str]:
@@ -179,7 +180,7 @@ def ablation_rows(runner, paths: list[str], encoded, params, reference=None) -> 
     rows = []
     for path in paths:
         h = CoralHead.load(path).attach(runner.model)
-        row = {"checkpoint": str(path), "recipe": h.config.recipe}
+        row = {"checkpoint": display_path(path), "recipe": h.config.recipe}
         for label, cfg in (
             ("tree60_full", CoralDrafterConfig(budget="max", grouped=False)),
             ("auto_grouped", CoralDrafterConfig(grouped=True)),
@@ -253,7 +254,7 @@ def run(
             print_fn(f"{name}: " + ", ".join(f"{k} {v['tau']:.3f}" for k, v in row.items()))
         return {
             "what": "60-node tau by held-out prompt set, the head alone and with prompt lookup",
-            "checkpoint": str(ckpt),
+            "checkpoint": display_path(ckpt),
             "config": {"prompts": tau_prompts, "max_new_tokens": n_tokens},
             "date": time.strftime("%Y-%m-%d"),
             "tau": taus,
@@ -335,7 +336,7 @@ def run(
     abl = ablation_rows(runner, ablations or [], encoded, greedy, reference)
     report = {
         "what": "CORAL drafter on held-out ShareGPT prompts, SmolLM2-135M-Instruct fp32",
-        "checkpoint": str(ckpt),
+        "checkpoint": display_path(ckpt),
         "config": {"prompts": len(encoded), "max_new_tokens": n_tokens, "t1_seeds": seeds},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
         "date": time.strftime("%Y-%m-%d"),

@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 
@@ -256,17 +257,13 @@ class Prompt:
 
 
 def default_data_path() -> Path:
-    """Where IFEval's input_data.jsonl is looked for: $CORALLINE_IFEVAL_DATA, then
-    ../shared/data/ifeval/ beside the checkout (walking up from this file and from the current
-    folder), then /work/shared/data/ifeval/. The first candidate is returned when none exists,
-    so the error names a real place."""
-    rel = Path("shared") / "data" / "ifeval" / "input_data.jsonl"
+    """Where IFEval's input_data.jsonl is read from: $CORALLINE_IFEVAL_DATA when set, else the
+    541 prompts shipped inside the package (coralline/data/ifeval/, vendored unchanged from the
+    IFEval release under its Apache-2.0 licence; see SOURCE.md there)."""
     env = os.environ.get("CORALLINE_IFEVAL_DATA")
-    candidates = [Path(env)] if env else []
-    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
-        candidates += [parent / rel for parent in start.parents]
-    candidates.append(Path("/work") / rel)
-    return next((c for c in candidates if c.exists()), candidates[0])
+    if env:
+        return Path(env)
+    return Path(str(resources.files("coralline") / "data" / "ifeval" / "input_data.jsonl"))
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:

@@ -3,15 +3,45 @@
   speedup.png              tokens/s over the HF baseline of the same temperature, per method
   tau_by_verifier.png      tau of every engine method at T = 0 and of each verifier at T = 1
   acceptance_by_depth.png  share of rounds accepting at least d drafts, per engine method
-Knows only the report dict built by eval/bench.py (matplotlib, headless).
+Knows only the report dict built by eval/bench.py (matplotlib, headless). display_path() is how
+every bench report (this one, eval/coral_bench.py's) writes a filesystem path.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from importlib import resources
 from pathlib import Path
 
 PLOTS = ("speedup.png", "tau_by_verifier.png", "acceptance_by_depth.png")
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A filesystem path as a report records it, free of this machine's layout: relative to the
+    current folder when inside it (run from a checkout: services/coralline/data/...), else
+    relative to the folder the coralline package is imported from when inside it
+    (coralline/data/...), else with the home folder written "~" (~/.cache/coralline/...).
+    Relative paths, names that are not paths, and paths elsewhere are returned unchanged."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    if not os.path.isabs(text):
+        return text
+    given = Path(os.path.normpath(text))
+    roots = [
+        (Path.cwd(), ""),
+        (Path(str(resources.files("coralline"))).parent, ""),
+        (Path(os.path.expanduser("~")), "~"),  # stays "~" (skipped below) when unknown
+    ]
+    for root, prefix in roots:
+        if not root.is_absolute() or len(root.parts) < 2:  # nor relative to "/" itself
+            continue
+        for p, r in ((given, root), (given.resolve(), root.resolve())):
+            if p.is_relative_to(r):
+                rel = p.relative_to(r).as_posix()
+                if prefix:
+                    return prefix if rel == "." else f"{prefix}/{rel}"
+                return rel
+    return text
 
 
 def _fmt(v, spec: str) -> str:

@@ -422,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality evaluation: followeval, ifeval, lossless")
     ev.add_argument("what", choices=["followeval", "ifeval", "lossless"])
     ev.add_argument(
-        "--data", default=None, help="FollowEval file / IFEval input_data.jsonl (default: shared)"
+        "--data",
+        default=None,
+        help="followeval: a FollowEval JSONL (default: the bundled suite); ifeval: an IFEval "
+        "input_data.jsonl (default: $CORALLINE_IFEVAL_DATA, else the vendored IFEval prompts); "
+        "lossless: IFEval prompts to add (default: none, the bundled FollowEval suite only)",
     )
     ev.add_argument("--model", default="smollm2-135m-instruct")
     ev.add_argument("--drafter", default=None, help="default: coral when shipped, else ngram")

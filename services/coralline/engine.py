@@ -8,8 +8,15 @@
     stop on EOS (an EOS inside an accepted path truncates the round), max_new_tokens, a stop
     string, or a full context window.
 With no drafter every tree is the root alone: plain decoding through the same code, the fair
-baseline. Randomness: the verifier's coins come from `seed`, the drafter's from `seed + 1`, so
-a seed reproduces a generation exactly, in-process or across services.
+baseline. A proposal the drafter marks as a fallback (the remote drafter's stand-in for an
+unusable or late proposal), or one that does not fit the context window, is replaced by the
+root alone and verified plainly: lossless, counted in the stats, and the drafter is told its
+proposal was not used (`DraftInput.accepted = None`).
+
+Randomness is keyed (sampling.py): the round whose root sits at committed length L draws its
+verifier coins from (seed, VERIFY, L) and the drafter its draws from (seed, DRAFT, L). A request
+without a seed gets a fresh one, reported in the summary, so every generation can be replayed
+exactly, in-process or across services.
 
 Knows nothing about gRPC, Ray or sessions. Tokenization is used only for stop strings and the
 text of each chunk, through the target's tokenizer.
@@ -19,12 +26,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from coralline.draft.base import Drafter, DraftProposal, check_pair, default_verifier
-from coralline.sampling import SamplingParams, make_generator
+from coralline.draft.base import Drafter, DraftInput, DraftProposal, check_pair, default_verifier
+from coralline.sampling import VERIFY, SamplingParams, fresh_seed, keyed_generator
 from coralline.target import TargetRunner
 from coralline.tree import TokenTree
 
@@ -48,6 +55,8 @@ class RoundStats:
     accepted: int  # accepted draft tokens (before any truncation)
     draft_ms: float  # drafter.propose
     verify_ms: float  # target forward + warping + verification + KV commit
+    fallback: str | None = None  # why this round verified the root alone instead of the
+    # drafter's proposal (None: it did not, or there is no drafter)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,9 @@ class Summary:
     finish_reason: str  # "eos", "length" (max_new_tokens), "stop" (a stop string), "context"
     verifier: str
     drafter: str
+    seed: int = 0  # the seed the generation used (drawn fresh when the request gave none)
+    prompt_tokens: int = 0
+    fallback_rounds: int = 0  # rounds that verified the root alone in place of a proposal
 
 
 @dataclass(frozen=True)
@@ -145,45 +157,54 @@ class Engine:
         name = self.config.verifier or default_verifier(self.drafter, params)
         spec = check_pair(self.drafter, name, params)
         verifier = "greedy" if params.greedy else name
+        if params.seed is None:
+            params = replace(params, seed=fresh_seed())
         return self._run(prompt, params, spec, verifier)
 
     def _run(self, prompt, params, spec, verifier) -> Iterator[Chunk]:
         target, drafter = self.target, self.drafter
-        g_verify = make_generator(params.seed)
-        g_draft = make_generator(None if params.seed is None else params.seed + 1)
         text = _Text(target.tokenizer, params.stop) if target.tokenizer is not None else None
         plain = check_pair(None, default_verifier(None, params), params)
         t_start = time.perf_counter()
-        features = target.prefill(prompt)
+        features = target.prefill(prompt)  # [len(prompt) - 1, d]
         prefill_ms = (time.perf_counter() - t_start) * 1e3
         if drafter is not None:
             drafter.reset()
         new_ids, context = list(prompt), list(prompt)
-        generated = rounds = accepted_total = 0
+        accepted_last: tuple[int, ...] | None = None  # the last proposal's accepted nodes
+        generated = rounds = accepted_total = fallbacks = 0
         draft_ms = verify_ms = 0.0
         while True:
             t0 = time.perf_counter()
+            root_only = DraftProposal(TokenTree.chain(context[-1], []), None)
             if drafter is not None:
-                proposal = drafter.propose(new_ids, features, params, g_draft)
+                step = DraftInput(tuple(new_ids), features, accepted_last)
+                proposal = drafter.propose(step, params)
             else:
-                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
-            tree = proposal.tree
-            room = target.max_context - target.num_cached
+                proposal = root_only
+            fallback = proposal.fallback
+            if (
+                fallback is None
+                and proposal.tree.num_nodes > target.max_context - target.num_cached
+            ):
+                fallback = "context"  # near the end of the window: decode plainly
             verify = spec.fn
-            if tree.num_nodes > room:  # near the end of the window: decode plainly
-                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
-                tree = proposal.tree
-                verify = plain.fn  # a root-only tree needs no draft rows
+            if fallback is not None:
+                proposal, verify = root_only, plain.fn  # a root-only tree needs no draft rows
+                fallbacks += 1
+            tree = proposal.tree
             t1 = time.perf_counter()
             out = target.tree_forward(tree)
             rows = out.probs(params)  # [N, V]
             if self.on_round is not None:
                 self.on_round(tree, rows, proposal.rows)
-            result = verify(tree, rows, proposal.rows, g_verify, check=self.config.check_inputs)
+            coins = keyed_generator(params.seed, VERIFY, len(context))
+            result = verify(tree, rows, proposal.rows, coins, check=self.config.check_inputs)
             target.commit(result.accepted)
             t2 = time.perf_counter()
             rounds += 1
             accepted_total += result.num_accepted
+            accepted_last = None if fallback is not None else result.accepted
             draft_ms += (t1 - t0) * 1e3
             verify_ms += (t2 - t1) * 1e3
             new = result.emitted_tokens(tree)
@@ -209,7 +230,12 @@ class Engine:
             if finish is not None:  # the cache keeps exactly the committed tokens but the last
                 target.truncate(len(context) - 1)
             stats = RoundStats(
-                rounds, tree.num_nodes, result.num_accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+                rounds,
+                tree.num_nodes,
+                result.num_accepted,
+                (t1 - t0) * 1e3,
+                (t2 - t1) * 1e3,
+                fallback if drafter is not None else None,
             )
             if finish is None:
                 yield Chunk(new, delta, stats)
@@ -228,6 +254,9 @@ class Engine:
                 finish_reason=finish,
                 verifier=verifier,
                 drafter=drafter.name if drafter is not None else "none",
+                seed=params.seed,
+                prompt_tokens=len(prompt),
+                fallback_rounds=fallbacks if drafter is not None else 0,
             )
             yield Chunk(new, delta, stats, summary)
             return

@@ -8,12 +8,21 @@ RNG rules: every random draw goes through an explicit `torch.Generator` (CPU, se
 generation in any process. Verifiers draw through `Coins` (bernoulli + categorical) so an exact
 enumerator can replace the coins and integrate them out (see verification/exact.py).
 
+Randomness is keyed, not streamed (`keyed_generator`): a round's draft draws come from
+(seed, DRAFT, committed length) and its verification coins from (seed, VERIFY, committed
+length), two separate key domains. No generator object ever crosses a process boundary: a
+drafter in another process, or a session moved to another worker, draws exactly the same
+numbers from the seed and the position alone.
+
 Knows nothing about trees, models or verification.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
+import struct
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,6 +111,32 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+DRAFT, VERIFY = 1, 2  # key domains: a draft draw and a verifier coin never share a stream
+
+
+def keyed_seed(seed: int, domain: int, index: int) -> int:
+    """A 63-bit seed derived from (seed, domain, index) by BLAKE2b: distinct keys give
+    unrelated streams, and the same key gives the same stream in any process."""
+    for name, v in (("seed", seed), ("domain", domain), ("index", index)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
+            raise ValueError(f"{name} must be an integer in [0, 2**64), got {v!r}")
+    digest = hashlib.blake2b(
+        struct.pack("<QQQ", seed, domain, index), digest_size=8, person=b"coralline-rng"
+    ).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def keyed_generator(seed: int, domain: int, index: int) -> torch.Generator:
+    """The CPU generator of one key: DRAFT or VERIFY draws of the round whose root sits at
+    committed length `index` (prompt + generated tokens so far, the root being the last)."""
+    return make_generator(keyed_seed(seed, domain, index))
+
+
+def fresh_seed() -> int:
+    """A seed from OS entropy, for requests that give none (it is reported back)."""
+    return secrets.randbits(63)
 
 
 def categorical(probs: torch.Tensor, u: float) -> int:  # probs [V], non-negative, sum > 0

@@ -11,11 +11,17 @@ place. The accepted nodes' KV entries are copied down to the positions right aft
 prefix (only entries that move are copied: none for a chain-shaped acceptance) and the tail is
 cropped. Copying the whole cache with index_select instead costs O(context) per round.
 
+Sessions: `fork()` gives another runner over the same weights with its own cache (one per
+session in the verifier service); forks share one lock that serialises forward passes, so
+several sessions can be open while one round at a time uses the model. Features stay on the
+model's device; logits come back on the CPU, where the verifiers run.
+
 Knows nothing about drafting or verification; it only runs forward passes.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +52,8 @@ class TargetConfig:
 @dataclass(frozen=True)
 class TreeOutput:
     logits: torch.Tensor  # [N, V] float32 raw logits after each node's path
-    features: torch.Tensor  # [N, d] last hidden state (after the final norm) of each node
+    features: torch.Tensor  # [N, d] last hidden state (after the final norm) of each node,
+    # on the model's device
 
     def probs(self, params: SamplingParams) -> torch.Tensor:  # [N, V]
         return warp_params(self.logits, params)
@@ -55,8 +62,15 @@ class TreeOutput:
 class TargetRunner:
     """Runs the target model over one sequence at a time (one session per runner)."""
 
-    def __init__(self, model, tokenizer, config: TargetConfig | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: TargetConfig | None = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
         self.model = model
+        self.lock = lock or threading.Lock()  # serialises forwards across forks
         self.tokenizer = tokenizer
         self.config = config or TargetConfig()
         cfg = model.config
@@ -82,6 +96,19 @@ class TargetRunner:
 
             transpose_linears(model, keep_original=True)
         return cls(model, tok, config)
+
+    def fork(self) -> TargetRunner:
+        """Another runner over the same model (no copy) with an empty cache of its own."""
+        return TargetRunner(self.model, self.tokenizer, self.config, self.lock)
+
+    @property
+    def fingerprint(self) -> str:
+        """The target's identity as draft heads record it (draft/coral.py)."""
+        from coralline.draft.coral import target_fingerprint
+
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = target_fingerprint(self.model)
+        return self._fingerprint
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
@@ -119,13 +146,14 @@ class TargetRunner:
         if mask is not None:
             dtype = next(self.model.parameters()).dtype
             kwargs["attention_mask"] = mask.to(dev, dtype)[None, None]
-        out = self.model.model(
-            input_ids=ids.to(dev)[None],
-            position_ids=positions.to(dev)[None],
-            cache=self.cache,
-            use_cache=True,
-            **kwargs,
-        )
+        with self.lock:
+            out = self.model.model(
+                input_ids=ids.to(dev)[None],
+                position_ids=positions.to(dev)[None],
+                cache=self.cache,
+                use_cache=True,
+                **kwargs,
+            )
         return out.last_hidden_state[0]
 
     @torch.inference_mode()
@@ -142,11 +170,11 @@ class TargetRunner:
             )
         self.reset()
         if n == 1:
-            return torch.empty(0, self.hidden_size)
+            return torch.empty(0, self.hidden_size, device=self.device)
         ids = torch.tensor(list(prompt_ids[:-1]), dtype=torch.int64)
         feats = self._forward(ids, torch.arange(n - 1), None)
         self.num_cached = n - 1
-        return feats.float().cpu()
+        return feats.float()
 
     @torch.inference_mode()
     def tree_forward(self, tree: TokenTree) -> TreeOutput:
@@ -161,8 +189,9 @@ class TargetRunner:
             raise RuntimeError("commit() must follow every tree_forward()")
         mask = None if tree.is_chain else tree.attention_mask(p)
         hidden = self._forward(tree.tokens, tree.position_ids(p), mask)  # [N, d]
-        logits = self.model.lm_head(hidden).float()
-        return TreeOutput(logits.cpu(), hidden.float().cpu())
+        with self.lock:
+            logits = self.model.lm_head(hidden).float()
+        return TreeOutput(logits.cpu(), hidden.float())
 
     @torch.inference_mode()
     def commit(self, accepted: Sequence[int]) -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from coralline.draft.base import DraftInput
 from coralline.draft.coral import CoralHead, config_for_target
 from coralline.draft.coral_drafter import CoralDrafter, CoralDrafterConfig
 from coralline.engine import Engine, generate_ids
@@ -172,7 +173,7 @@ def test_lookup_puts_the_earlier_continuation_into_the_tree(budget):
     drafter = CoralDrafter(head, cfg)
     drafter.lookup_rate.rate = 0.95  # as if lookup had been right: the chooser keeps its nodes
     params = SamplingParams(max_new_tokens=8)
-    tree = drafter.propose(ids, feats, params, torch.Generator()).tree
+    tree = drafter.propose(DraftInput(ids, feats), params).tree
     node, path = 0, []
     for tok in (6, 7, 8, 9):
         node = next(c for c in tree.children[node] if tree.token_list[c] == tok)
@@ -183,7 +184,8 @@ def test_lookup_puts_the_earlier_continuation_into_the_tree(budget):
     assert drafter._last_chain == [6, 7, 8, 9, 2, 3, 4, 5][: cfg.lookup_tokens]
     # the next round learns from the outcome: 6 and 7 accepted, then the target said 1
     before = drafter.lookup_rate.rate
-    drafter.propose([6, 7, 1], runner.prefill([*ids, 6, 7, 1])[-3:], params, torch.Generator())
+    feats = runner.prefill([*ids, 6, 7, 1])[-3:]  # the previous root 5, then 6 and 7
+    drafter.propose(DraftInput((6, 7, 1), feats, accepted=(0, path[0], path[1])), params)
     assert drafter.lookup_rate.rate != before
 
 
@@ -238,9 +240,8 @@ def test_chain_drafter_proposes_single_paths(temperature):
     assert drafter.chain_only and drafter.name == "coral-chain"
     ids = [1, 3, 5, 7]
     feats = runner.prefill(ids)  # [3, d]: features of the committed tokens before the root
-    params = SamplingParams(temperature=temperature, max_new_tokens=8)
-    gen = torch.Generator().manual_seed(0)
-    prop = drafter.propose(ids, feats, params, gen)
+    params = SamplingParams(temperature=temperature, max_new_tokens=8, seed=0)
+    prop = drafter.propose(DraftInput(ids, feats), params)
     assert prop.tree.num_nodes > 1
     assert all(len(c) <= 1 for c in prop.tree.children)  # a chain
     assert (prop.rows is None) == (temperature == 0.0)

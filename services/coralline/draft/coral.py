@@ -91,18 +91,29 @@ class CoralConfig:
         return cfg
 
 
+def fingerprint(
+    hidden_size: int,
+    num_hidden_layers: int,
+    vocab_size: int,
+    num_attention_heads: int,
+    lm_head: torch.Tensor,  # [V, d] the target's LM-head rows
+) -> str:
+    """A short hash of a target's shape and a sample of its LM-head weights: what a head
+    records as `target_hash`, computable from the full model or from its LM head alone."""
+    h = hashlib.sha256()
+    h.update(json.dumps([hidden_size, num_hidden_layers, vocab_size, num_attention_heads]).encode())
+    sample = lm_head[:: max(1, lm_head.shape[0] // 64), :16]
+    h.update(sample.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def target_fingerprint(model) -> str:
-    """A short hash of the target's shape and a sample of its LM-head weights."""
+    """The fingerprint of a loaded target model."""
     cfg = model.config
     w = model.get_output_embeddings().weight
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            [cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads],
-        ).encode()
+    return fingerprint(
+        cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads, w
     )
-    h.update(w[:: max(1, w.shape[0] // 64), :16].detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def config_for_target(model, name: str, **overrides) -> CoralConfig:
@@ -184,15 +195,28 @@ class CoralHead(nn.Module):
     # ------------------------------------------------------------------ shared weights
     def attach(self, target_model) -> CoralHead:
         """Share the target's embedding and LM head (no copy), after checking its identity."""
-        got = target_fingerprint(target_model)
-        if got != self.config.target_hash:
+        return self.attach_weights(
+            target_model.get_input_embeddings().weight,
+            target_model.get_output_embeddings().weight,
+            target_fingerprint(target_model),
+        )
+
+    def attach_weights(
+        self,
+        embed: torch.Tensor,  # [V, d] the target's input embedding
+        lm_head: torch.Tensor,  # [V, d] the target's LM-head rows (the same tensor when tied)
+        target_hash: str,  # the target's fingerprint (see `fingerprint`)
+    ) -> CoralHead:
+        """Share the target's token weights without its layers (what the drafter service
+        loads), after checking that they belong to the target this head was trained for."""
+        if target_hash != self.config.target_hash:
             raise ValueError(
                 f"this draft head was trained for target {self.config.target!r} "
                 f"(fingerprint {self.config.target_hash}); the given target's fingerprint is "
-                f"{got}: train a head for it with `coralline train-draft`"
+                f"{target_hash}: train a head for it with `coralline train-draft`"
             )
-        self._embed = target_model.get_input_embeddings().weight.detach()
-        self._lm_head = target_model.get_output_embeddings().weight.detach()
+        self._embed = embed.detach()
+        self._lm_head = lm_head.detach()
         self._grouped_rows = None
         return self
 
@@ -259,7 +283,7 @@ class CoralHead(nn.Module):
             self._grouped_rows = self._need(self._lm_head)[self.group_tokens].contiguous()
         top = self.router_logits(feats).topk(k, dim=-1).indices  # [n, k]
         r = self.config.group_size
-        logits = torch.empty(feats.shape[0], k, r, dtype=feats.dtype)
+        logits = torch.empty(feats.shape[0], k, r, dtype=feats.dtype, device=feats.device)
         for g in torch.unique(top).tolist():
             node, slot = (top == g).nonzero(as_tuple=True)
             logits[node, slot] = F.linear(feats[node], self._grouped_rows[g].to(feats.dtype))

@@ -4,6 +4,7 @@ State: the head's KV cache over the committed context (inputs: target features o
 tokens and the next token's embedding, see draft/coral.py). Each round:
   sync    the tokens committed since the last round and their target features go through the
           head once (causal); its output at the last position predicts the root's children
+          (feature j pairs with the committed token j + 1: draft/base.py states the contract)
   expand  layer by layer, a batch of frontier nodes goes through the head with a tree mask
           (cached prefix + own ancestors); node input = (its token, its parent's head output)
   shape   T = 0: EAGLE-2 dynamic tree (expand the top_k best candidates per layer, auto_top_k
@@ -30,18 +31,20 @@ tokens and the next token's embedding, see draft/coral.py). Each round:
 The LM head is the full target head, or the grouped head (router + active groups) when
 `grouped` is set: the draft distribution then has the selected groups' rows as support.
 
-Knows nothing about verification beyond the statistics it is told in `observe`.
+Tensors live on the head's device (the shared embedding's); features may arrive on any device.
+Knows nothing about verification beyond the accepted nodes it is told (`DraftInput.accepted`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from coralline.draft.base import DraftProposal
+from coralline.draft.base import DraftInput, DraftProposal, FeatureCount
 from coralline.draft.coral import CoralHead
 from coralline.draft.ngram import NgramConfig, NgramDrafter
 from coralline.draft.trees import (
@@ -54,7 +57,13 @@ from coralline.draft.trees import (
     template_values,
 )
 from coralline.rows import SparseRows
-from coralline.sampling import SamplingParams, sample_without_replacement, warp
+from coralline.sampling import (
+    DRAFT,
+    SamplingParams,
+    keyed_generator,
+    sample_without_replacement,
+    warp,
+)
 from coralline.tree import TokenTree
 
 
@@ -123,6 +132,7 @@ class CoralDrafter:
         from transformers import DynamicCache
 
         self.stats = AcceptanceStats()
+        self.features = FeatureCount()
         self._lookup.reset()
         self.lookup_rate = LookupRate()
         self.cache = DynamicCache(config=self.head.config.llama_config())
@@ -151,11 +161,20 @@ class CoralDrafter:
         probs = warp(logits, temperature, params.top_k, params.top_p)
         return ids, probs
 
+    @property
+    def device(self) -> torch.device:
+        return self.head.fc.weight.device
+
     def _run(self, tokens, feats, positions, mask) -> torch.Tensor:  # [n, d]
-        return self.head(tokens[None], feats[None], positions[None], mask, self.cache)[0]
+        dev = self.device
+        if mask is not None:
+            mask = mask.to(dev, self.head.fc.weight.dtype)
+        return self.head(
+            tokens[None].to(dev), feats[None].to(dev), positions[None].to(dev), mask, self.cache
+        )[0]
 
     @torch.inference_mode()
-    def _sync(self, new_ids: list[int], new_features: torch.Tensor | None) -> None:
+    def _sync(self, new_ids: tuple[int, ...], new_features: torch.Tensor | None) -> None:
         if new_features is None or new_features.shape[0] == 0:
             if self.last_out is None:
                 raise ValueError("the CORAL drafter needs the target features of the prompt")
@@ -169,40 +188,43 @@ class CoralDrafter:
             full[:, : self.num_cached] = 0
             full[:, self.num_cached :].triu_(1)
             mask = full[None, None]
-        out = self._run(tokens, new_features.float(), positions, mask)
+        dtype = self.head.fc.weight.dtype
+        out = self._run(tokens, new_features.to(self.device, dtype), positions, mask)
         self.num_cached += m
         self.last_out = out[-1]
 
-    def _observe(self, new_ids: list[int]) -> None:
-        """Learn from the last round: the committed tokens spell the accepted path of the last
-        proposal (accepted drafts, then the bonus), so no extra message is needed."""
-        if self._last is None:
+    def _observe(self, accepted: tuple[int, ...] | None) -> None:
+        """Learn from the last round: the verifier tells which nodes of the last proposal were
+        accepted (None: the proposal was not verified, so there is nothing to learn)."""
+        last, chain = self._last, self._last_chain
+        self._last, self._last_chain = None, []
+        if last is None or accepted is None:
             return
-        tree, predicted = self._last
-        path = [0, *tree.walk(new_ids[:-1])]
+        tree, predicted = last
+        if accepted[-1] >= tree.num_nodes or any(
+            tree.parent_list[b] != a for a, b in itertools.pairwise(accepted)
+        ):
+            raise ValueError(f"accepted nodes {accepted} are not a path of the last tree")
+        path = list(accepted)
         self.stats.update(tree.children, path, predicted)
-        self._last = None
-        if self._last_chain:
-            self.lookup_rate.update(self._last_chain, tree, path)
-            self._last_chain = []
+        if chain:
+            self.lookup_rate.update(chain, tree, path)
 
     # ------------------------------------------------------------------ proposals
     @torch.inference_mode()
-    def propose(
-        self,
-        new_ids: list[int],
-        new_features: torch.Tensor | None,
-        params: SamplingParams,
-        generator: torch.Generator,
-    ) -> DraftProposal:
-        self._observe(new_ids)
-        self._lookup.context.extend(int(t) for t in new_ids)
-        self._sync(new_ids, new_features)
-        root = int(new_ids[-1])
+    def propose(self, step: DraftInput, params: SamplingParams) -> DraftProposal:
+        self.features.advance(step)  # the contract: one feature per committed token but the root
+        self._observe(step.accepted)
+        self._lookup.context.extend(step.new_ids)
+        self._sync(step.new_ids, step.features)
+        root = step.new_ids[-1]
         try:
             if params.greedy:
                 return self._dynamic(root, params)
-            return self._sampled(root, params, generator)
+            if params.seed is None:
+                raise ValueError("sampled drafting needs params.seed (the engine resolves it)")
+            gen = keyed_generator(params.seed, DRAFT, self.features.committed)
+            return self._sampled(root, params, gen)
         finally:
             self.cache.crop(self.num_cached - self.cache.get_seq_length())  # rollback
 
@@ -344,8 +366,8 @@ class CoralDrafter:
             top = torch.topk(probs, min(k_rows, probs.shape[1]), dim=1)
             nxt = []
             for f, (t, n) in enumerate(need):
-                vals = top.values[f] / top.values[f].sum()
-                toks = ids[f][top.indices[f]] if ids is not None else top.indices[f]
+                vals = (top.values[f] / top.values[f].sum()).float().cpu()
+                toks = (ids[f][top.indices[f]] if ids is not None else top.indices[f]).cpu()
                 rows[n] = (toks, vals)
                 # Gumbel-top-k on the K-token row: the same law as on the full row
                 drawn = toks[sample_without_replacement(vals, len(kids[t]), gen)].tolist()

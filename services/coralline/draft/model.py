@@ -19,9 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from coralline.draft.base import DraftProposal
+from coralline.draft.base import DraftInput, DraftProposal
 from coralline.rows import SparseRows
-from coralline.sampling import SamplingParams, sample_without_replacement, warp_params
+from coralline.sampling import (
+    DRAFT,
+    SamplingParams,
+    keyed_generator,
+    sample_without_replacement,
+    warp_params,
+)
 from coralline.tree import TokenTree
 
 
@@ -63,15 +69,14 @@ class ModelDrafter:
             self.runner.tree_forward(TokenTree.chain(pending[0], pending[1:-1]))
             self.runner.commit(list(range(len(pending) - 1)))
 
-    def propose(
-        self,
-        new_ids: list[int],
-        new_features: torch.Tensor | None,
-        params: SamplingParams,
-        generator: torch.Generator,
-    ) -> DraftProposal:
-        self._sync(new_ids)
+    def propose(self, step: DraftInput, params: SamplingParams) -> DraftProposal:
+        self._sync(list(step.new_ids))
         cfg = self.config
+        generator = None
+        if not params.greedy:
+            if params.seed is None:
+                raise ValueError("sampled drafting needs params.seed (the engine resolves it)")
+            generator = keyed_generator(params.seed, DRAFT, len(self.context))
         tokens, parents = [self.context[-1]], [-1]
         frontier = [0]
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # node -> (ids [K], probs [K])

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from coralline.draft.base import DraftProposal
+from coralline.draft.base import DraftInput, DraftProposal
 from coralline.sampling import SamplingParams
 from coralline.tree import TokenTree
 
@@ -47,14 +45,8 @@ class NgramDrafter:
     def reset(self) -> None:
         self.context = []
 
-    def propose(
-        self,
-        new_ids: list[int],
-        new_features: torch.Tensor | None,
-        params: SamplingParams,
-        generator: torch.Generator,
-    ) -> DraftProposal:
-        self.context.extend(int(t) for t in new_ids)
+    def propose(self, step: DraftInput, params: SamplingParams) -> DraftProposal:
+        self.context.extend(step.new_ids)
         return DraftProposal(TokenTree.from_paths(self.context[-1], self.paths()), None)
 
     def paths(self) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""Drafters by name: what the CLI, the benchmarks and (later) the drafter service build.
+"""Drafters by name: what the CLI, the benchmarks and the drafter service build.
 
 Knows which checkpoints ship with the package; knows nothing about verification.
 """
@@ -26,8 +26,16 @@ def shipped_head(model: str):
     return path if (path / "config.json").is_file() else None
 
 
-def make_drafter(name: str, target=None, checkpoint: str | None = None):
-    """A drafter by name (the drafter service will use the same names).
+def make_drafter(
+    name: str,
+    target=None,
+    checkpoint: str | None = None,
+    *,
+    weights=None,
+    device: str | None = None,
+    dtype=None,
+):
+    """A drafter by name: what the CLI, the benchmarks and the drafter service build.
 
     coral                the CORAL head with the grouped LM head, tree size by the budget
                          chooser, plus the prompt-lookup continuation at T = 0 (the default)
@@ -37,6 +45,10 @@ def make_drafter(name: str, target=None, checkpoint: str | None = None):
                          the head's tau reference
     coral-eagle2-lookup  the same 60 nodes shared with the prompt-lookup continuation
     coral-chain          the grouped head drafting one sequence (for the chain-only verifiers)
+
+    A CORAL head needs the target's token weights: from a loaded `target` (a TargetRunner,
+    in-process) or from `weights` (models.TokenWeights: the embedding and LM head alone, what
+    the drafter service loads). `device` / `dtype` place the head (default: the weights').
     """
     from coralline.draft.ngram import NgramConfig, NgramDrafter
 
@@ -50,17 +62,24 @@ def make_drafter(name: str, target=None, checkpoint: str | None = None):
         from coralline.draft.coral import CoralHead
         from coralline.draft.coral_drafter import CoralDrafter
 
-        if target is None:
-            raise ValueError("the CORAL drafter needs the target model (its embedding and head)")
-        model = target.config.model
+        config = coral_config(name)  # unknown names fail before anything loads
+        if target is None and weights is None:
+            raise ValueError("the CORAL drafter needs the target's embedding and LM head")
+        model = target.config.model if target is not None else weights.name
         path = checkpoint or shipped_head(model)
         if path is None:
             raise ValueError(
                 f"no CORAL head is shipped for {model!r}: train one with `coralline train-draft` "
                 "and pass --draft-checkpoint DIR"
             )
-        head = CoralHead.load(str(path)).attach(target.model)
-        return CoralDrafter(head, coral_config(name))
+        head = CoralHead.load(str(path))
+        if target is not None:
+            head.attach(target.model)
+        else:
+            head.attach_weights(weights.embed, weights.lm_head, weights.fingerprint)
+        shared = head._embed
+        head = head.to(device or shared.device, dtype or shared.dtype)
+        return CoralDrafter(head, config)
     raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
 
 

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install model test test-fast lint format demo bench bench-quick protos clean
+.PHONY: help install model test test-fast lint format demo bench bench-quick protos proto-snapshot clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -26,15 +26,20 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Build .venv from nothing (torch CPU 2.13.0, grpc, ray, ...); idempotent
 	@$(MAKE) --no-print-directory protos
 
-protos: $(STAMP) ## Generate Python gRPC code from protos/ into services/coralline/_proto (gitignored)
-	@mkdir -p services/coralline/_proto
-	@touch services/coralline/_proto/__init__.py
-	@files=$$(find protos -name '*.proto' 2>/dev/null); \
-	if [ -n "$$files" ]; then \
-		$(PY) -m grpc_tools.protoc -Iprotos --python_out=services/coralline/_proto \
-			--pyi_out=services/coralline/_proto --grpc_python_out=services/coralline/_proto $$files; \
-		echo "generated code for: $$files"; \
-	else echo "protos: no .proto files yet"; fi
+PROTO_OUT := services/coralline/_proto
+
+protos: $(STAMP) ## Generate Python gRPC code + .pyi stubs from protos/ into services/coralline/_proto (gitignored)
+	@rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)/coralline/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $$(find protos -name '*.proto' | sort)
+	@# the generated imports name the proto package (coralline.v1); point them into _proto
+	@sed -i 's/^from coralline\.v1 import/from coralline._proto.coralline.v1 import/' \
+		$(PROTO_OUT)/coralline/v1/*.py $(PROTO_OUT)/coralline/v1/*.pyi
+	@touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/coralline/__init__.py $(PROTO_OUT)/coralline/v1/__init__.py
+	@echo "generated $(PROTO_OUT)/coralline/v1 from protos/coralline/v1"
+
+proto-snapshot: protos ## Rewrite protos/coralline/v1/contract.json after a deliberate, compatible proto change
+	$(PY) -m coralline.rpc.contract
 
 model: install ## Convert the built-in SmolLM2 GGUF to a cached safetensors folder (once, ~20 s)
 	$(PY) -m coralline.cli model prepare

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 from coralline.draft.registry import DRAFTERS
@@ -37,19 +39,47 @@ def _engine(model: str, drafter: str | None, verifier: str | None, checkpoint: s
     return Engine(target, make_drafter(drafter, target, checkpoint), config)
 
 
+def _remote_chunks(args: argparse.Namespace):
+    """Chunks from a running coralline server (the client SDK; no torch is imported)."""
+    from coralline.client import Client, CorallineError
+
+    if args.draft_checkpoint or args.model != "smollm2-135m-instruct":
+        raise ValueError("--model and --draft-checkpoint belong to the servers with --endpoint")
+    try:
+        with Client(args.endpoint, token=os.environ.get("CORALLINE_TOKEN")) as client:
+            yield from client.stream(
+                args.prompt,
+                chat_template=not args.no_chat,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p if args.top_p != 1.0 else None,
+                seed=args.seed,
+                stop=tuple(args.stop or ()),
+                drafter=args.drafter,
+                verifier=args.verifier,
+            )
+    except CorallineError as e:
+        raise ValueError(f"{args.endpoint}: {e}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
-    params = _params(args)
-    engine = _engine(args.model, args.drafter, args.verifier, args.draft_checkpoint)
-    ids = engine.target.encode(args.prompt, chat=not args.no_chat)
+    if args.endpoint:
+        chunks = _remote_chunks(args)
+    else:
+        params = _params(args)
+        engine = _engine(args.model, args.drafter, args.verifier, args.draft_checkpoint)
+        ids = engine.target.encode(args.prompt, chat=not args.no_chat)
+        chunks = engine.generate(ids, params)
     token_ids, text, summary = [], [], None
-    for chunk in engine.generate(ids, params):
+    for chunk in chunks:
         token_ids.extend(chunk.token_ids)
         text.append(chunk.text)
         if not args.json:
             print(chunk.text, end="", flush=True)
         summary = chunk.summary or summary
     if summary is None:
-        raise RuntimeError("the engine ended without a summary")
+        raise RuntimeError("the generation ended without a summary")
     stats = {
         "rounds": summary.rounds,
         "tokens": summary.tokens,
@@ -68,6 +98,72 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print()
         print(" ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
     return 0
+
+
+def _serve(run) -> int:
+    """Run a server coroutine; log one line per session event to stderr."""
+    import asyncio
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CORALLINE_THREADS", "1")))
+    logging.basicConfig(
+        level=os.environ.get("CORALLINE_LOG", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(run(ready=lambda line: print(line, flush=True)))
+    return 0
+
+
+def _server_options(args: argparse.Namespace):
+    from coralline.rpc.server import MiB, ServerOptions
+
+    return ServerOptions(
+        host=args.host, port=args.port, max_message_bytes=args.max_message_mb * MiB
+    )
+
+
+def _cmd_drafter(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from coralline.rpc.drafter_server import DrafterServiceConfig, serve
+
+    config = DrafterServiceConfig(
+        model=args.model,
+        default_drafter=args.drafter,
+        checkpoint=args.draft_checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        max_sessions=args.max_sessions,
+        idle_timeout_s=args.idle_timeout,
+        workers=args.workers,
+        server=_server_options(args),
+    )
+    return _serve(partial(serve, config))
+
+
+def _cmd_verifier(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from coralline.rpc.verifier_server import VerifierServiceConfig, serve
+
+    if args.no_drafter and args.drafter_endpoint:
+        raise ValueError("--no-drafter and --drafter-endpoint exclude each other")
+    if not args.no_drafter and not args.drafter_endpoint:
+        raise ValueError("give --drafter-endpoint HOST:PORT, or --no-drafter for plain decoding")
+    config = VerifierServiceConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        drafter_endpoint=args.drafter_endpoint,
+        default_drafter="none" if args.no_drafter else args.drafter,
+        max_sessions=args.max_sessions,
+        max_tree_nodes=args.max_tree_nodes,
+        round_timeout_s=args.round_timeout,
+        server=_server_options(args),
+    )
+    return _serve(partial(serve, config))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -296,7 +392,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    g.add_argument(
+        "--endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="generate on a running server (coralline verifier / the router) through the client "
+        "SDK instead of in this process; bearer token from $CORALLINE_TOKEN",
+    )
     g.set_defaults(fn=_cmd_generate)
+
+    def server_args(sp, port: int) -> None:
+        sp.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+        sp.add_argument("--port", type=int, default=port, help=f"0 = any free port ({port})")
+        sp.add_argument("--model", default="smollm2-135m-instruct", help="the target")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        sp.add_argument("--max-sessions", type=int, default=16 if port == 50051 else 64)
+        sp.add_argument("--max-message-mb", type=int, default=64, help="gRPC message limit")
+
+    dr = sub.add_parser("drafter", help="run the drafting gRPC service (CORAL head)")
+    server_args(dr, 50052)
+    dr.add_argument("--drafter", default="coral", help="default drafter for sessions")
+    dr.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")
+    dr.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
+    dr.add_argument("--workers", type=int, default=2, help="drafting threads")
+    dr.set_defaults(fn=_cmd_drafter)
+
+    vr = sub.add_parser("verifier", help="run the verification gRPC service (target model)")
+    server_args(vr, 50051)
+    vr.add_argument("--drafter-endpoint", default=None, metavar="HOST:PORT")
+    vr.add_argument("--no-drafter", action="store_true", help="plain decoding only")
+    vr.add_argument("--drafter", default=None, help="default drafter name (default: coral)")
+    vr.add_argument("--max-tree-nodes", type=int, default=256)
+    vr.add_argument("--round-timeout", type=float, default=2.0, help="seconds per proposal")
+    vr.set_defaults(fn=_cmd_verifier)
 
     d = sub.add_parser("demo", help="speculation vs plain decoding on SmolLM2, same run")
     d.add_argument("--prompt", default=None)

@@ -83,6 +83,39 @@ def make_drafter(
     raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
 
 
+def drafter_kind(name: str) -> tuple[str, bool]:
+    """(tree_kind, chain_only) of a drafter by name, without building it: what a verifier
+    needs to pick the lossless verifier for a remote drafter."""
+    check_name(name)
+    if name.startswith("coral"):
+        return "sampled_swor", name == "coral-chain"
+    if name == "none":
+        return "deterministic", True
+    return "deterministic", name == "ngram"
+
+
+def drafter_factory(
+    name: str,
+    target=None,
+    checkpoint: str | None = None,
+    *,
+    weights=None,
+    device: str | None = None,
+    dtype=None,
+):
+    """A zero-argument callable building fresh drafters (one per session) that share the
+    heavy parts (a CORAL head is loaded once); see make_drafter for the arguments."""
+    first = make_drafter(name, target, checkpoint, weights=weights, device=device, dtype=dtype)
+    if first is None:
+        return lambda: None
+    from coralline.draft.coral_drafter import CoralDrafter
+
+    if isinstance(first, CoralDrafter):
+        head, config, cost = first.head, first.config, first.cost
+        return lambda: CoralDrafter(head, config, cost)
+    return lambda: make_drafter(name)  # model-free drafters are cheap to build
+
+
 def coral_config(name: str):
     """The CoralDrafterConfig behind a registry name (coral, coral-full, ...)."""
     from coralline.draft.coral_drafter import CoralDrafterConfig

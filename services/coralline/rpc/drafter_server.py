@@ -1,0 +1,288 @@
+"""The drafter service: registered drafters (default the CORAL head) behind DrafterService.
+
+One bidirectional `Draft` stream per session (protos/coralline/v1/drafter.proto): Open makes
+the session's drafter and answers with the first Proposal; each Commit answers with the next;
+Close, the end of the stream, a broken stream or `idle_timeout_s` without a message free it.
+Drafting runs in a thread pool, off the event loop, so a slow session never stalls the others
+(torch releases the GIL in its kernels). The process holds each head, its router and the
+target's embedding / LM-head rows (models.load_token_weights), never the target's layers.
+
+Knows nothing about verification: it turns DraftInputs into DraftProposals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+import coralline
+from coralline.draft.base import DraftInput
+from coralline.draft.registry import DRAFTERS, drafter_factory, drafter_kind
+from coralline.rpc import codec
+from coralline.rpc.errors import ServiceError, exhausted, not_found
+from coralline.rpc.protos import drafter_pb2, drafter_pb2_grpc
+from coralline.rpc.server import Server, ServerOptions
+
+log = logging.getLogger("coralline.drafter")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DrafterServiceConfig:
+    model: str = "smollm2-135m-instruct"  # the target whose token weights the heads share
+    default_drafter: str = "coral"  # what an Open with an empty drafter name gets
+    checkpoint: str | None = None  # a CORAL head folder (default: the one shipped for model)
+    device: str = "cpu"  # "cuda" / "cuda:N" on a GPU node
+    dtype: str = "float32"  # fp32 on CPU; bf16 / fp16 on GPU
+    max_sessions: int = 64  # RESOURCE_EXHAUSTED past it: a head's state is ~1 MB per session
+    idle_timeout_s: float = 300.0  # a session with no message for this long is freed
+    workers: int = 2  # drafting threads (one per core on this machine's 2 cores)
+    server: ServerOptions = field(default_factory=ServerOptions)
+
+    def __post_init__(self) -> None:
+        if self.default_drafter not in DRAFTERS or self.default_drafter == "none":
+            raise ValueError(
+                f"default_drafter must be one of {', '.join(d for d in DRAFTERS if d != 'none')}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.max_sessions < 1 or self.workers < 1:
+            raise ValueError("max_sessions and workers must be >= 1")
+        if not self.idle_timeout_s > 0:
+            raise ValueError("idle_timeout_s must be > 0")
+
+
+@dataclass
+class _Session:
+    session_id: str
+    name: str
+    drafter: object
+    params: object
+    committed: int  # committed tokens (the root included)
+    round: int  # the round of the last proposal sent
+    opened: float = field(default_factory=time.monotonic)
+
+
+class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
+    def __init__(self, config: DrafterServiceConfig) -> None:
+        from coralline.models import load_token_weights
+
+        self.config = config
+        self.weights = load_token_weights(config.model, _DTYPES[config.dtype], config.device)
+        self.fingerprint = self.weights.fingerprint
+        self._factories: dict[str, object] = {}
+        self._factory_lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="draft")
+        self.draining = False
+        self._factory(config.default_drafter)  # load the default head now: fail at start-up
+
+    # ------------------------------------------------------------------ drafters
+    def _factory(self, name: str):
+        with self._factory_lock:
+            if name not in self._factories:
+                self._factories[name] = drafter_factory(
+                    name,
+                    checkpoint=self.config.checkpoint,
+                    weights=self.weights,
+                    device=self.config.device,
+                    dtype=_DTYPES[self.config.dtype],
+                )
+            return self._factories[name]
+
+    def _head_hash(self, name: str) -> str | None:
+        drafter = self._factory(name)()
+        head = getattr(drafter, "head", None)
+        return None if head is None else head.config.target_hash
+
+    # ------------------------------------------------------------------ sessions
+    def _open(self, msg: drafter_pb2.Open) -> tuple[_Session, DraftInput]:
+        name = msg.drafter or self.config.default_drafter
+        if name not in DRAFTERS or name == "none":
+            raise not_found(
+                f"unknown drafter {name!r}; this service drafts with: "
+                f"{', '.join(d for d in DRAFTERS if d != 'none')}"
+            )
+        if not msg.session_id:
+            raise ValueError("Open needs a session_id")
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the drafter is shutting down")
+        if msg.session_id in self._sessions:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS, f"session {msg.session_id!r} is already open"
+            )
+        if len(self._sessions) >= self.config.max_sessions:
+            raise exhausted(
+                f"the drafter holds {len(self._sessions)} sessions, its bound "
+                f"(max_sessions={self.config.max_sessions}); retry later or add drafters"
+            )
+        if msg.target_fingerprint and msg.target_fingerprint != self.fingerprint:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this drafter serves target {self.weights.name!r} (fingerprint "
+                f"{self.fingerprint}); the verifier's target has fingerprint "
+                f"{msg.target_fingerprint}: run a drafter for that target",
+            )
+        try:
+            factory = self._factory(name)
+        except ValueError as e:  # e.g. a head trained for another target
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        params = codec.sampling_from_pb(msg.sampling)
+        if params.seed is None:
+            raise ValueError("Open.sampling.seed must be set (the verifier resolves it)")
+        ids = [int(t) for t in msg.prompt_ids]
+        if not ids:
+            raise ValueError("Open.prompt_ids is empty")
+        if min(ids) < 0 or max(ids) >= self.weights.vocab_size:
+            raise ValueError(f"Open.prompt_ids must lie in [0, {self.weights.vocab_size})")
+        feats = None
+        if msg.HasField("features"):
+            feats = codec.tensor_from_pb(
+                msg.features, name="Open.features", rows=len(ids) - 1, cols=self.weights.hidden_size
+            )
+        session = _Session(msg.session_id, name, factory(), params, len(ids), max(msg.round, 1))
+        session.drafter.reset()
+        self._sessions[msg.session_id] = session
+        log.info("open %s drafter=%s prompt=%d", msg.session_id, name, len(ids))
+        return session, DraftInput(tuple(ids), feats, None)
+
+    def _commit(self, session: _Session, msg: drafter_pb2.Commit) -> DraftInput:
+        if msg.round != session.round + 1:
+            raise ValueError(f"Commit for round {msg.round}, expected round {session.round + 1}")
+        ids = [int(t) for t in msg.new_ids]
+        if not ids:
+            raise ValueError("Commit.new_ids is empty: every round commits at least one token")
+        if min(ids) < 0 or max(ids) >= self.weights.vocab_size:
+            raise ValueError(f"Commit.new_ids must lie in [0, {self.weights.vocab_size})")
+        if msg.committed_len and msg.committed_len != session.committed + len(ids):
+            raise ValueError(
+                f"Commit.committed_len is {msg.committed_len}, but the session has "
+                f"{session.committed} + {len(ids)} committed tokens"
+            )
+        feats = None
+        if msg.HasField("features"):
+            feats = codec.tensor_from_pb(
+                msg.features, name="Commit.features", rows=len(ids), cols=self.weights.hidden_size
+            )
+        session.committed += len(ids)
+        session.round = msg.round
+        accepted = tuple(int(a) for a in msg.accepted) or None
+        return DraftInput(tuple(ids), feats, accepted)
+
+    def _propose(self, session: _Session, step: DraftInput) -> drafter_pb2.DraftResponse:
+        """Runs in a pool thread."""
+        t0 = time.perf_counter_ns()
+        proposal = session.drafter.propose(step, session.params)
+        out = drafter_pb2.DraftResponse()
+        p = out.proposal
+        p.round = session.round
+        codec.tree_to_pb(proposal.tree, p.tree)
+        if proposal.rows is not None:
+            codec.rows_to_pb(proposal.rows, p.rows)
+        p.tree_kind = session.drafter.tree_kind
+        p.draft_ns = time.perf_counter_ns() - t0
+        return out
+
+    def _close(self, session: _Session, why: str) -> None:
+        if self._sessions.get(session.session_id) is session:
+            del self._sessions[session.session_id]
+        log.info("close %s (%s) after round %d", session.session_id, why, session.round)
+
+    # ------------------------------------------------------------------ RPCs
+    async def Draft(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        requests = request_iterator.__aiter__()
+        session, why = None, "stream ended"
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(
+                        requests.__anext__(), timeout=self.config.idle_timeout_s
+                    )
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    why = "idle"
+                    raise ServiceError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no message for {self.config.idle_timeout_s:g} s: session closed",
+                    ) from None
+                kind = msg.WhichOneof("kind")
+                if kind == "close":
+                    why = msg.close.reason or "closed"
+                    break
+                if session is None:
+                    if kind != "open":
+                        raise ValueError("the first message of a Draft stream must be Open")
+                    session, step = self._open(msg.open)
+                elif kind == "open":
+                    raise ValueError("Open was already sent on this stream")
+                elif kind == "commit":
+                    step = self._commit(session, msg.commit)
+                else:
+                    raise ValueError("a DraftRequest must hold open, commit or close")
+                yield await loop.run_in_executor(self._pool, self._propose, session, step)
+        except asyncio.CancelledError:
+            why = "cancelled"
+            raise
+        except Exception as e:
+            why = f"error: {e}"
+            raise
+        finally:
+            if session is not None:
+                self._close(session, why)
+
+    async def Info(self, request, context):
+        out = drafter_pb2.DrafterInfo(
+            drafters=[d for d in DRAFTERS if d != "none"],
+            default_drafter=self.config.default_drafter,
+            target=self.weights.name,
+            target_fingerprint=self.fingerprint,
+            active_sessions=len(self._sessions),
+            capacity=self.config.max_sessions,
+            device=str(self.weights.embed.device),
+            version=coralline.__version__,
+        )
+        return out
+
+    @property
+    def session_ids(self) -> list[str]:
+        return list(self._sessions)
+
+
+SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
+
+
+async def start_drafter(config: DrafterServiceConfig) -> tuple[Server, DrafterService]:
+    """Build the service, bind, start; returns (server, service). `server.address` is set."""
+    service = DrafterService(config)
+    server = Server(config.server, [SERVICE_NAME])
+    drafter_pb2_grpc.add_DrafterServiceServicer_to_server(service, server.server)
+    await server.start()
+    return server, service
+
+
+async def serve(config: DrafterServiceConfig, ready=print) -> None:
+    """Run until SIGTERM / Ctrl-C; `ready(line)` is called once with the bound address."""
+    server, service = await start_drafter(config)
+    kinds = {name: drafter_kind(name)[0] for name in (config.default_drafter,)}
+    ready(
+        f"coralline drafter listening on {server.address} (target {service.weights.name}, "
+        f"default drafter {config.default_drafter} [{kinds[config.default_drafter]}], "
+        f"device {config.device})"
+    )
+
+    def drain() -> None:
+        service.draining = True
+        log.info("draining: %d sessions open", len(service.session_ids))
+
+    await server.serve_until_signal(drain)
+    service._pool.shutdown(wait=False, cancel_futures=True)

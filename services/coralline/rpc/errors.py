@@ -1,0 +1,99 @@
+"""Errors -> gRPC status codes, in one interceptor.
+
+Servicers raise; they never pick status codes by hand. `ServiceError(code, message)` says
+exactly which status to send; a plain ValueError is bad input (INVALID_ARGUMENT); anything
+else is a bug (INTERNAL, logged with its traceback, the message still sent). The process keeps
+serving in every case. Knows nothing about what the services do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+log = logging.getLogger("coralline.rpc")
+
+
+class ServiceError(Exception):
+    """An error with the gRPC status it must be sent with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def not_found(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def exhausted(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    log.exception("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+_PASS = (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, message = status_of(exc)
+    await context.abort(code, message)
+
+
+def _wrap_unary(fn):
+    async def handler(request, context):
+        try:
+            return await fn(request, context)
+        except _PASS:
+            raise
+        except Exception as e:
+            await _abort(context, e)
+
+    return handler
+
+
+def _wrap_stream(fn):
+    async def handler(request, context):
+        try:
+            async for item in fn(request, context):
+                yield item
+        except _PASS:
+            raise
+        except Exception as e:
+            await _abort(context, e)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by async handlers to statuses (see the module docstring)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary and asyncio.iscoroutinefunction(handler.unary_unary):
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.stream_unary and asyncio.iscoroutinefunction(handler.stream_unary):
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+        if handler.unary_stream and _is_async_gen(handler.unary_stream):
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+        if handler.stream_stream and _is_async_gen(handler.stream_stream):
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+        return handler
+
+
+def _is_async_gen(fn) -> bool:
+    import inspect
+
+    return inspect.isasyncgenfunction(fn)

@@ -1,0 +1,436 @@
+"""The verifier service: the target model, the round loop with a remote drafter, streaming.
+
+Hosts two gRPC services in one process:
+  VerifierService  Generate from token ids (what the router calls), Cancel, Info
+  Generation       the public API (text or ids, chat template): one verifier + one drafter is
+                   a usable deployment; the router fronts many of them later
+Each session gets its own TargetRunner fork (own KV cache, shared weights) and, unless it asks
+for plain decoding, a RemoteDrafter on the drafter link; the engine's round loop (engine.py)
+runs in a worker thread, one `next()` per round, so the event loop keeps serving. Forward
+passes are serialised by the runner's lock: one round at a time here (batching across
+sessions comes with the scheduler). Cancellation (Cancel / CancelSession, or a client that
+goes away) stops the session between rounds and frees its cache and its drafter session.
+
+Knows nothing about the algorithms: it validates, adapts messages and calls the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+import coralline
+from coralline.draft.registry import DRAFTERS
+from coralline.engine import Chunk, Engine, EngineConfig
+from coralline.rpc import codec
+from coralline.rpc.errors import ServiceError, exhausted, not_found
+from coralline.rpc.protos import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    verifier_pb2,
+    verifier_pb2_grpc,
+)
+from coralline.rpc.remote_drafter import RemoteDrafter, RemoteDrafterConfig, WireStats
+from coralline.rpc.server import Server, ServerOptions, channel_options
+from coralline.sampling import SamplingParams
+from coralline.session import CANCELLED, FAILED, FINISHED, MemorySessionStore, SessionRecord
+
+log = logging.getLogger("coralline.verifier")
+
+
+@dataclass(frozen=True)
+class VerifierServiceConfig:
+    model: str = "smollm2-135m-instruct"  # a built-in name or a local Hugging Face folder
+    device: str = "cpu"  # "cuda" / "cuda:N" on a GPU node
+    dtype: str = "float32"  # fp32 on CPU (bf16 is ~4x slower there); bf16 on GPU
+    drafter_endpoint: str | None = None  # host:port of the default drafter service
+    default_drafter: str | None = None  # None: "coral" with a drafter link, else "none"
+    max_sessions: int = 16  # RESOURCE_EXHAUSTED past it (each holds a KV cache)
+    max_tree_nodes: int = 256  # a proposal above this (root included) is not verified
+    round_timeout_s: float = 2.0  # per-round deadline for a proposal (see RemoteDrafterConfig)
+    open_timeout_s: float = 10.0
+    max_reconnects: int = 2
+    history: int = 1024  # finished sessions kept for GetSession
+    server: ServerOptions = field(default_factory=ServerOptions)
+
+    def __post_init__(self) -> None:
+        if self.default_drafter is not None and self.default_drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter {self.default_drafter!r}: {', '.join(DRAFTERS)}")
+        if self.default_drafter not in (None, "none") and not self.drafter_endpoint:
+            raise ValueError("a default drafter needs a drafter endpoint")
+        if self.max_sessions < 1 or self.max_tree_nodes < 1:
+            raise ValueError("max_sessions and max_tree_nodes must be >= 1")
+
+    @property
+    def drafter(self) -> str:
+        if self.default_drafter is not None:
+            return self.default_drafter
+        return "coral" if self.drafter_endpoint else "none"
+
+
+@dataclass
+class _Live:
+    """A running session: its engine generator and what must be freed when it ends."""
+
+    record: SessionRecord
+    runner: object
+    gen: object
+    remote: RemoteDrafter | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    """One round as the servicers stream it."""
+
+    session_id: str
+    chunk: Chunk
+    stats: common_pb2.RoundStats
+    summary: common_pb2.Summary | None
+
+
+class VerifierCore:
+    """Sessions over one target; shared by the two servicers."""
+
+    def __init__(self, config: VerifierServiceConfig) -> None:
+        from coralline.target import TargetConfig, TargetRunner
+
+        self.config = config
+        self.target = TargetRunner.load(
+            TargetConfig(model=config.model, dtype=config.dtype, device=config.device)
+        )
+        self.fingerprint = self.target.fingerprint
+        self.store = MemorySessionStore(config.history)
+        self.live: dict[str, _Live] = {}
+        self._pool = ThreadPoolExecutor(config.max_sessions + 1, thread_name_prefix="verify")
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.draining = False
+
+    # ------------------------------------------------------------------ sessions
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        if endpoint not in self._channels:
+            self._channels[endpoint] = grpc.aio.insecure_channel(
+                endpoint, options=channel_options(self.config.server.max_message_bytes)
+            )
+        return self._channels[endpoint]
+
+    def _start(
+        self,
+        session_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        drafter: str,
+        endpoint: str,
+        verifier: str,
+    ) -> _Live:
+        cfg, target = self.config, self.target
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the verifier is shutting down")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= target.vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {target.vocab_size})")
+        if len(prompt) + params.max_new_tokens > target.max_context:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) plus max_new_tokens "
+                f"({params.max_new_tokens}) exceeds the context window of {target.max_context}"
+            )
+        name = drafter or cfg.drafter
+        if name not in DRAFTERS:
+            raise not_found(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
+        endpoint = endpoint or cfg.drafter_endpoint or ""
+        if name != "none" and not endpoint:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"drafter {name!r} asked for, but this verifier has no drafter link: use "
+                "drafter 'none' or start it with --drafter-endpoint",
+            )
+        if len(self.live) >= cfg.max_sessions:
+            raise exhausted(
+                f"the verifier runs {len(self.live)} sessions, its bound (max_sessions="
+                f"{cfg.max_sessions}); retry in a few seconds or add verifiers"
+            )
+        session_id = session_id or uuid.uuid4().hex
+        if session_id in self.live:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} is already running"
+            )
+        remote = None
+        if name != "none":
+            remote = RemoteDrafter(
+                self._channel(endpoint),
+                asyncio.get_running_loop(),
+                RemoteDrafterConfig(
+                    name=name,
+                    round_timeout_s=cfg.round_timeout_s,
+                    open_timeout_s=cfg.open_timeout_s,
+                    max_reconnects=cfg.max_reconnects,
+                    max_nodes=cfg.max_tree_nodes,
+                ),
+                session_id=session_id,
+                target_fingerprint=self.fingerprint,
+                vocab_size=target.vocab_size,
+            )
+        runner = target.fork()
+        engine = Engine(runner, remote, EngineConfig(verifier=verifier or None))
+        gen = engine.generate(prompt, params)  # validates the pair before anything runs
+        record = SessionRecord(session_id, len(prompt), name)
+        self.store.create(record)
+        live = _Live(record, runner, gen, remote)
+        self.live[session_id] = live
+        log.info(
+            "session %s start: prompt %d tokens, drafter %s, T=%g",
+            session_id,
+            len(prompt),
+            name,
+            params.temperature,
+        )
+        return live
+
+    @staticmethod
+    def _next(live: _Live) -> Chunk | None:
+        with live.lock:
+            if live.closed:
+                return None
+            try:
+                return next(live.gen)
+            except StopIteration:
+                return None
+
+    def _free(self, live: _Live, state: str, error: str = "") -> None:
+        """Frees the session's cache and drafter session (in a pool thread, after its round)."""
+        with live.lock:
+            if live.closed:
+                return
+            live.closed = True
+            live.gen.close()
+            live.runner.reset()
+            if live.remote is not None:
+                live.remote.close(state)
+        sid = live.record.session_id
+        self.store.finish(sid, state, live.record.summary, error)
+        self.live.pop(sid, None)
+        log.info("session %s %s: %d tokens", sid, state, len(live.record.token_ids))
+
+    async def run(
+        self,
+        session_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        drafter: str = "",
+        endpoint: str = "",
+        verifier: str = "",
+    ):
+        """Async iterator of Steps, one per round; raises ServiceError(CANCELLED) when the
+        session is cancelled. The session is freed however the iteration ends."""
+        loop = asyncio.get_running_loop()
+        live = self._start(session_id, prompt, params, drafter, endpoint, verifier)
+        sid = live.record.session_id
+        state, error = CANCELLED, ""
+        try:
+            while True:
+                if live.cancelled.is_set():
+                    raise ServiceError(grpc.StatusCode.CANCELLED, f"session {sid} was cancelled")
+                chunk = await loop.run_in_executor(self._pool, self._next, live)
+                if chunk is None:
+                    state = FINISHED
+                    return
+                self.store.append(sid, chunk.token_ids, chunk.text)
+                wire = live.remote.wire if live.remote is not None else WireStats()
+                stats = codec.stats_to_pb(
+                    chunk.stats, bytes_to=wire.bytes_to, bytes_from=wire.bytes_from
+                )
+                summary = None
+                if chunk.summary is not None:
+                    live.record.summary = chunk.summary
+                    summary = codec.summary_to_pb(chunk.summary, reconnects=wire.reconnects)
+                    state = FINISHED
+                yield Step(sid, chunk, stats, summary)
+                if summary is not None:
+                    return
+        except ServiceError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            state, error = FAILED, f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if live.record.summary is not None:
+                state = FINISHED
+            self._pool.submit(self._free, live, state, error)
+
+    def cancel(self, session_id: str) -> bool:
+        live = self.live.get(session_id)
+        if live is None:
+            if self.store.get(session_id) is None:
+                raise not_found(f"unknown session {session_id!r}")
+            return False  # already finished
+        live.cancelled.set()
+        return True
+
+    def encode(self, text: str, chat: bool) -> list[int]:
+        return self.target.encode(text, chat=chat)
+
+    def close(self) -> None:
+        self.draining = True
+        for live in list(self.live.values()):
+            live.cancelled.set()
+
+
+def _params(sampling, max_new_tokens: int | None, stop) -> SamplingParams:
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    return codec.sampling_from_pb(sampling, max_new_tokens, stop)
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
+    def __init__(self, core: VerifierCore) -> None:
+        self.core = core
+
+    async def Generate(self, request, context):
+        params = _params(
+            request.sampling,
+            request.max_new_tokens if request.HasField("max_new_tokens") else None,
+            list(request.stop),
+        )
+        async for step in self.core.run(
+            request.session_id,
+            [int(t) for t in request.prompt_ids],
+            params,
+            request.drafter,
+            request.drafter_endpoint,
+            request.verifier,
+        ):
+            out = verifier_pb2.VerifyChunk(
+                session_id=step.session_id,
+                token_ids=step.chunk.token_ids,
+                text=step.chunk.text,
+                stats=step.stats,
+            )
+            if step.summary is not None:
+                out.summary.CopyFrom(step.summary)
+            yield out
+
+    async def Cancel(self, request, context):
+        return verifier_pb2.CancelResponse(cancelled=self.core.cancel(request.session_id))
+
+    async def Info(self, request, context):
+        core, cfg = self.core, self.core.config
+        return verifier_pb2.VerifierInfo(
+            target=cfg.model,
+            target_fingerprint=core.fingerprint,
+            active_sessions=len(core.live),
+            capacity=cfg.max_sessions,
+            drafter_endpoint=cfg.drafter_endpoint or "",
+            default_drafter=cfg.drafter,
+            device=str(core.target.device),
+            max_context=core.target.max_context,
+            vocab_size=core.target.vocab_size,
+            version=coralline.__version__,
+            session_ids=list(core.live),
+        )
+
+
+_STATE = {
+    "running": generation_pb2.SESSION_STATE_RUNNING,
+    FINISHED: generation_pb2.SESSION_STATE_FINISHED,
+    CANCELLED: generation_pb2.SESSION_STATE_CANCELLED,
+    FAILED: generation_pb2.SESSION_STATE_FAILED,
+}
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    """The public API, served by the verifier process itself."""
+
+    def __init__(self, core: VerifierCore) -> None:
+        self.core = core
+
+    async def Generate(self, request, context):
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            chat = request.chat_template if request.HasField("chat_template") else True
+            prompt = self.core.encode(request.text, chat)
+        elif kind == "token_ids":
+            prompt = [int(t) for t in request.token_ids.ids]
+        else:
+            raise ValueError("the request has no prompt: set text or token_ids")
+        params = _params(
+            request.sampling,
+            request.max_new_tokens if request.HasField("max_new_tokens") else None,
+            list(request.stop),
+        )
+        async for step in self.core.run(
+            request.session_id, prompt, params, request.drafter, "", request.verifier
+        ):
+            out = generation_pb2.GenerateResponse(
+                session_id=step.session_id,
+                text=step.chunk.text,
+                token_ids=step.chunk.token_ids,
+                stats=step.stats,
+            )
+            if step.summary is not None:
+                out.summary.CopyFrom(step.summary)
+            yield out
+
+    async def GetSession(self, request, context):
+        rec = self.core.store.get(request.session_id)
+        if rec is None:
+            raise not_found(f"unknown session {request.session_id!r}")
+        out = generation_pb2.Session(
+            session_id=rec.session_id,
+            state=_STATE[rec.state],
+            prompt_tokens=rec.prompt_tokens,
+            token_ids=rec.token_ids,
+            text=rec.text,
+            drafter=rec.drafter,
+            verifier=rec.summary.verifier if rec.summary is not None else "",
+            created_unix_ns=rec.created_unix_ns,
+            error=rec.error,
+        )
+        if rec.summary is not None:
+            codec.summary_to_pb(rec.summary, out.summary)
+        return out
+
+    async def CancelSession(self, request, context):
+        return generation_pb2.CancelSessionResponse(cancelled=self.core.cancel(request.session_id))
+
+
+SERVICE_NAMES = [
+    verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
+    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+]
+
+
+async def start_verifier(config: VerifierServiceConfig) -> tuple[Server, VerifierCore]:
+    core = VerifierCore(config)
+    server = Server(config.server, SERVICE_NAMES)
+    verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(core), server.server)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
+    await server.start()
+    return server, core
+
+
+async def serve(config: VerifierServiceConfig, ready=print) -> None:
+    """Run until SIGTERM / Ctrl-C; `ready(line)` is called once with the bound address."""
+    t0 = time.perf_counter()
+    server, core = await start_verifier(config)
+    link = config.drafter_endpoint or "none (plain decoding)"
+    ready(
+        f"coralline verifier listening on {server.address} (target {config.model}, drafter "
+        f"link {link}, default drafter {config.drafter}, device {config.device}, ready in "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
+    await server.serve_until_signal(core.close)
+    for channel in core._channels.values():
+        await channel.close()

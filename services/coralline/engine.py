@@ -19,17 +19,19 @@ without a seed gets a fresh one, reported in the summary, so every generation ca
 exactly, in-process or across services.
 
 Knows nothing about gRPC, Ray or sessions. Tokenization is used only for stop strings and the
-text of each chunk, through the target's tokenizer.
+text of each chunk, through the target's tokenizer, incrementally (detok.py: each round's cost
+does not grow with the output).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from coralline.detok import TextStream
 from coralline.draft.base import Drafter, DraftInput, DraftProposal, check_pair, default_verifier
 from coralline.sampling import VERIFY, SamplingParams, fresh_seed, keyed_generator
 from coralline.target import TargetRunner
@@ -84,44 +86,6 @@ class Chunk:
     summary: Summary | None = None  # set on the last chunk only
 
 
-@dataclass
-class _Text:
-    """Incremental detokenization and stop strings over the generated ids."""
-
-    tokenizer: object
-    stop: tuple[str, ...]
-    ids: list[int] = field(default_factory=list)
-    sent: int = 0  # characters already streamed
-
-    def add(self, new_ids: list[int]) -> tuple[str, int | None]:
-        """(text delta, number of new ids to keep if a stop string ended the text, else None)."""
-        start = len(self.ids)
-        self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            cut = text.find(s, max(0, self.sent - len(s) + 1))
-            if cut >= 0:
-                # keep the ids up to the one that completed the stop string
-                keep = next(
-                    k
-                    for k in range(1, len(new_ids) + 1)
-                    if s in self.tokenizer.decode(self.ids[: start + k], skip_special_tokens=True)
-                )
-                del self.ids[start + keep :]
-                delta, self.sent = text[self.sent : cut], cut
-                return delta, keep
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
-            return "", None
-        delta, self.sent = text[self.sent :], len(text)
-        return delta, None
-
-    def flush(self) -> str:
-        """Whatever is still held back (the generation ended)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.sent = text[self.sent :], len(text)
-        return delta
-
-
 class Engine:
     def __init__(
         self,
@@ -163,7 +127,7 @@ class Engine:
 
     def _run(self, prompt, params, spec, verifier) -> Iterator[Chunk]:
         target, drafter = self.target, self.drafter
-        text = _Text(target.tokenizer, params.stop) if target.tokenizer is not None else None
+        text = TextStream(target.tokenizer, params.stop) if target.tokenizer is not None else None
         plain = check_pair(None, default_verifier(None, params), params)
         t_start = time.perf_counter()
         features = target.prefill(prompt)  # [len(prompt) - 1, d]

@@ -12,3 +12,13 @@ def smollm2():
     from coralline.target import TargetRunner
 
     return TargetRunner.load()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA exists; elsewhere they are skipped (and reported as such)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -31,3 +31,17 @@ def test_builtin_smollm2_is_cached_and_reloads(smollm2):
     ids = smollm2.encode("Hello")
     assert ids[-3:] == smollm2.encode("Hi")[-3:]  # the chat template's generation prompt
     assert isinstance(smollm2, TargetRunner)
+
+
+def test_token_weights_alone_identify_the_target(smollm2):
+    """What the drafter service loads: the embedding / LM-head rows, never the layers, with the
+    same fingerprint as the full model (so heads for another target are refused)."""
+    import torch
+
+    from coralline.models import load_token_weights
+
+    w = load_token_weights("smollm2-135m-instruct")
+    assert w.fingerprint == smollm2.fingerprint
+    assert w.lm_head is w.embed  # tied in SmolLM2: one tensor, not two
+    assert torch.equal(w.embed, smollm2.model.get_input_embeddings().weight)
+    assert w.eos_token_ids <= smollm2.eos_token_ids and w.vocab_size == smollm2.vocab_size

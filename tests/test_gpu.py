@@ -48,3 +48,28 @@ def test_drafter_service_weights_on_cuda():
     w = load_token_weights("smollm2-135m-instruct", torch.float32, "cuda")
     cpu = load_token_weights("smollm2-135m-instruct")
     assert w.embed.is_cuda and w.fingerprint == cpu.fingerprint
+
+
+def test_services_on_cuda_equal_the_cpu_engine(smollm2):
+    """`coralline drafter --device cuda` + `coralline verifier --device cuda`: token-identical
+    to the in-process engine with the same drafter on the same device (fp32)."""
+    from coralline.client import Client
+    from coralline.draft.registry import make_drafter
+
+    from .rpc.servers import ServerProcess
+
+    drafter = ServerProcess("drafter", "--device", "cuda")
+    verifier = ServerProcess("verifier", "--device", "cuda", "--drafter-endpoint", drafter.address)
+    try:
+        prompt = "Write a haiku about the sea."
+        ids = smollm2.encode(prompt)
+        gpu = TargetRunner.load(TargetConfig(device="cuda"))
+        engine = Engine(gpu, make_drafter("coral", gpu))
+        want = [t for c in engine.generate(ids, SamplingParams(max_new_tokens=32))
+                for t in c.token_ids]  # fmt: skip
+        with Client(verifier.address) as client:
+            res = client.generate(prompt, max_new_tokens=32)
+        assert res.token_ids == want and res.summary.fallback_rounds == 0
+    finally:
+        verifier.stop()
+        drafter.stop()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coralline.eval.report import display_path
+from coralline.bench.report import display_path
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 SCANNED = ("bench/results", "services/coralline")

@@ -182,7 +182,8 @@ def _cmd_exact(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "all":
-        from coralline.eval import bench, report
+        from coralline.bench import report
+        from coralline.bench import side_by_side as bench
 
         cfg = (bench.BenchConfig.quick if args.quick else bench.BenchConfig)(
             **{
@@ -206,15 +207,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for path in report.write(rep, args.out or "bench/out"):
             print(f"wrote {path}")
     elif args.what == "verifiers":
-        from coralline.eval import verifier_bench
+        from coralline.bench import verifiers as verifier_bench
 
         verifier_bench.main(args.out)
     elif args.what == "engine":
-        from coralline.eval import engine_bench
+        from coralline.bench import engine as engine_bench
 
         engine_bench.main(args.out, quick=args.quick)
     elif args.what == "coral":
-        from coralline.eval import coral_bench
+        from coralline.bench import coral as coral_bench
 
         coral_bench.main(
             args.out,
@@ -223,6 +224,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             checkpoint=args.draft_checkpoint,
             ablation_only=args.ablation_only,
             tau_prompts=args.tau_prompts,
+        )
+    elif args.what == "pipeline":
+        from coralline.bench import pipeline as pipeline_bench
+
+        pipeline_bench.main(
+            args.out,
+            quick=args.quick,
+            prompts=args.prompts,
+            max_new_tokens=args.max_new_tokens,
+            delay_ms=args.delay_ms,
+            drafter=args.drafter,
+            temperature=args.temperature,
+            model=args.model,
+            checkpoint=args.draft_checkpoint,
+            command="coralline " + " ".join(sys.argv[1:]),
         )
     return 0
 
@@ -441,10 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks: every method side by side (default), or one component",
         description="all (default): HF peers, engine, n-gram, CORAL and the verifiers at T = 0 "
         "and T = 1 on the same prompts -> OUT/bench.json, bench.md and PNG plots. verifiers / "
-        "engine / coral: focused benchmarks -> a JSON file at --out.",
+        "engine / coral: focused benchmarks -> a JSON file at --out. pipeline: drafter + "
+        "verifier processes on loopback (also with --delay-ms on the drafter link) vs the "
+        "in-process engine.",
     )
     b.add_argument(
-        "what", nargs="?", default="all", choices=["all", "verifiers", "engine", "coral"]
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "verifiers", "engine", "coral", "pipeline"],
     )
     b.add_argument("--out", default=None, help="all: a folder (bench/out); others: a JSON file")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (what CI runs)")
@@ -458,13 +479,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="coral: only the 60-node tau, head alone and with lookup, on N held-out prompts",
     )
-    b.add_argument("--model", default=None, help="all: the target (default SmolLM2-135M)")
+    b.add_argument("--model", default=None, help="all, pipeline: the target (default SmolLM2-135M)")
     b.add_argument(
-        "--draft-checkpoint", default=None, help="all, coral: a CORAL head (default: shipped)"
+        "--draft-checkpoint",
+        default=None,
+        help="all, coral, pipeline: a CORAL head (default: shipped)",
     )
     b.add_argument("--assistant", default=None, help="all: HF assisted generation's draft model")
     b.add_argument("--prompts-per-set", type=int, default=None, help="all: default 3 (quick 1)")
-    b.add_argument("--max-new-tokens", type=int, default=None, help="all: default 96 (quick 24)")
+    b.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="all: default 96 (quick 24); pipeline: default 64 (quick 24)",
+    )
+    b.add_argument("--prompts", type=int, default=None, help="pipeline: default 6 (quick 2)")
+    b.add_argument(
+        "--delay-ms",
+        type=float,
+        default=2.0,
+        help="pipeline: delay added per direction on the drafter link of the delayed mode",
+    )
+    b.add_argument("--drafter", default="coral", help="pipeline: the drafter of every mode")
+    b.add_argument("--temperature", type=float, default=0.0, help="pipeline: 0 = greedy")
     b.add_argument("--t1-seeds", type=int, default=None, help="all: seeds per prompt at T = 1")
     b.add_argument("--ifeval-data", default=None, help="all: IFEval input_data.jsonl")
     b.add_argument("--device", default=None, help="all: cpu (default) or cuda")

@@ -248,8 +248,8 @@ def test_chain_drafter_proposes_single_paths(temperature):
 
 
 def test_paired_verifier_tau_scores_every_round_of_the_run():
+    from coralline.bench.coral import paired_verifier_tau
     from coralline.engine import EngineConfig
-    from coralline.eval.coral_bench import paired_verifier_tau
 
     target, head = _head(seed=5)
     runner = TargetRunner(target, None)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from coralline.bench.coral import heldout_prompts, router_hit_rate
 from coralline.draft.coral import CoralHead
 from coralline.draft.registry import make_drafter, shipped_head
 from coralline.engine import Engine, generate_ids
-from coralline.eval.coral_bench import heldout_prompts, router_hit_rate
 from coralline.sampling import SamplingParams
 
 from ..test_engine import PROMPTS, _hf_greedy
@@ -56,7 +56,7 @@ def test_sampled_coral_generation_is_deterministic_for_a_seed(smollm2):
 
 @pytest.mark.slow
 def test_paired_lm_head_timing_measures_both_heads_without_changing_the_output(smollm2):
-    from coralline.eval.coral_bench import lm_head_paired
+    from coralline.bench.coral import lm_head_paired
 
     head = CoralHead.load(str(shipped_head("smollm2-135m-instruct"))).attach(smollm2.model)
     ids = [smollm2.encode(PROMPTS[0])]

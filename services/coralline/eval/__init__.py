@@ -1,2 +1,3 @@
-"""Evaluation and benchmarks: toy exact-acceptance tables, verifier micro-benchmarks; later the
-FollowEval-style harness, IFEval and end-to-end benchmarks."""
+"""Quality evaluations: the FollowEval-style bilingual harness, IFEval scoring, the lossless
+evaluation (speculation beside plain decoding), the demo and the toy exact-acceptance table.
+Speed benchmarks live in coralline.bench."""

@@ -98,11 +98,6 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
                 )
             return self._factories[name]
 
-    def _head_hash(self, name: str) -> str | None:
-        drafter = self._factory(name)()
-        head = getattr(drafter, "head", None)
-        return None if head is None else head.config.target_hash
-
     # ------------------------------------------------------------------ sessions
     def _open(self, msg: drafter_pb2.Open) -> tuple[_Session, DraftInput]:
         name = msg.drafter or self.config.default_drafter

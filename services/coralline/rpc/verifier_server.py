@@ -282,16 +282,19 @@ class VerifierCore:
     def encode(self, text: str, chat: bool) -> list[int]:
         return self.target.encode(text, chat=chat)
 
-    def close(self) -> None:
+    def drain(self) -> None:
+        """Refuse new sessions; running ones may finish within the server's grace period
+        (then gRPC cancels them, which frees them like any cancellation)."""
         self.draining = True
-        for live in list(self.live.values()):
-            live.cancelled.set()
+        log.info("draining: %d sessions running", len(self.live))
 
 
-def _params(sampling, max_new_tokens: int | None, stop) -> SamplingParams:
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    return codec.sampling_from_pb(sampling, max_new_tokens, stop)
+def _params(request) -> SamplingParams:
+    """SamplingParams of a VerifyRequest or GenerateRequest (the same field names)."""
+    limit = request.max_new_tokens if request.HasField("max_new_tokens") else None
+    if limit is not None and limit <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {limit}")
+    return codec.sampling_from_pb(request.sampling, limit, list(request.stop))
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
@@ -299,11 +302,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.core = core
 
     async def Generate(self, request, context):
-        params = _params(
-            request.sampling,
-            request.max_new_tokens if request.HasField("max_new_tokens") else None,
-            list(request.stop),
-        )
+        params = _params(request)
         async for step in self.core.run(
             request.session_id,
             [int(t) for t in request.prompt_ids],
@@ -365,11 +364,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             prompt = [int(t) for t in request.token_ids.ids]
         else:
             raise ValueError("the request has no prompt: set text or token_ids")
-        params = _params(
-            request.sampling,
-            request.max_new_tokens if request.HasField("max_new_tokens") else None,
-            list(request.stop),
-        )
+        params = _params(request)
         async for step in self.core.run(
             request.session_id, prompt, params, request.drafter, "", request.verifier
         ):
@@ -431,6 +426,6 @@ async def serve(config: VerifierServiceConfig, ready=print) -> None:
         f"link {link}, default drafter {config.drafter}, device {config.device}, ready in "
         f"{time.perf_counter() - t0:.1f} s)"
     )
-    await server.serve_until_signal(core.close)
+    await server.serve_until_signal(core.drain)
     for channel in core._channels.values():
         await channel.close()

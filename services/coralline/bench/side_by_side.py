@@ -27,7 +27,7 @@ d = 1..depth, and peak memory (see PeakMemory: on CPU the process's peak RSS and
 method added to it; on CUDA peak allocated memory). Methods run interleaved prompt by prompt,
 so slow drift of the machine touches every method alike.
 
-Knows nothing about services. Output (JSON, plots, markdown) is written by eval/report.py.
+Knows nothing about services. Output (JSON, plots, markdown) is written by bench/report.py.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from coralline.eval.report import display_path
+from coralline.bench.report import display_path
 from coralline.sampling import SamplingParams
 
 # what HF assisted generation would need, per built-in target
@@ -121,8 +121,8 @@ def methods(assistant: bool) -> list[Method]:
 
 def prompt_sets(tokenizer, cfg: BenchConfig) -> tuple[dict[str, list[str]], list[str]]:
     """{set name: prompts} and notes on sets that could not be built."""
+    from coralline.bench.coral import heldout_prompts
     from coralline.eval import followeval, ifeval
-    from coralline.eval.coral_bench import heldout_prompts
 
     n, notes = cfg.prompts_per_set, []
     items = followeval.bundled_suite()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from coralline.bench.report import display_path
 from coralline.engine import timed_generate
-from coralline.eval.report import display_path
 
 
 def heldout_prompts(tokenizer, n: int, max_prompt_tokens: int = 160) -> list[str]:

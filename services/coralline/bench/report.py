@@ -3,8 +3,9 @@
   speedup.png              tokens/s over the HF baseline of the same temperature, per method
   tau_by_verifier.png      tau of every engine method at T = 0 and of each verifier at T = 1
   acceptance_by_depth.png  share of rounds accepting at least d drafts, per engine method
-Knows only the report dict built by eval/bench.py (matplotlib, headless). display_path() is how
-every bench report (this one, eval/coral_bench.py's) writes a filesystem path.
+Knows only the report dict built by bench/side_by_side.py (matplotlib, headless).
+display_path() is how every bench report (this one, bench/coral.py's, bench/pipeline.py's)
+writes a filesystem path.
 """
 
 from __future__ import annotations

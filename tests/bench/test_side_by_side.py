@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from coralline.eval import bench, report
+from coralline.bench import report
+from coralline.bench import side_by_side as bench
 
 from ..tiny import tiny_llama
 

@@ -1,0 +1,81 @@
+"""ServerProcess: a coralline server (`coralline drafter` / `coralline verifier`) in its own OS
+process on loopback, ready once it printed its address; stopped with SIGTERM (then killed).
+
+Used by the pipeline benchmark and the end-to-end tests. Knows nothing about the services
+beyond their command line and their ready line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    """`python -m coralline.cli <kind> --port 0 ...` in its own process, stderr to a log file."""
+
+    READY = re.compile(r"listening on (\S+)")
+
+    def __init__(self, kind: str, args: list[str], log_dir: Path) -> None:
+        self.kind = kind
+        self.log = log_dir / f"{kind}-{time.time_ns()}.log"
+        env = dict(os.environ, CORALLINE_THREADS="1", CORALLINE_LOG="INFO")
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "coralline.cli", kind, "--port", "0", *args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
+        self.address = ""
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, name=f"{kind}-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # drained to the end: the pipe never fills
+            m = self.READY.search(line)
+            if m and not self.address:
+                self.address = m.group(1)
+                self._ready.set()
+        self._ready.set()  # EOF: the process ended
+
+    def wait_ready(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.2):
+            if time.monotonic() > deadline:
+                break
+        if not self.address:
+            self.stop()
+            raise RuntimeError(
+                f"coralline {self.kind} did not start within {timeout:g} s: {self.stderr()[-3000:]}"
+            )
+        return self.address
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr(self) -> str:
+        try:
+            return self.log.read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode

@@ -61,11 +61,12 @@ format: install ## Apply ruff fixes and formatting
 demo: install model ## Stream SmolLM2 with speculation beside plain decoding (same run, same prompt)
 	$(PY) -m coralline.cli demo
 
-bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL benches, in $(BENCH_OUT)
+bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline benches, in $(BENCH_OUT)
 	$(PY) -m coralline.cli bench all --out $(BENCH_OUT)
 	$(PY) -m coralline.cli bench verifiers --out $(BENCH_OUT)/verifiers.json
 	$(PY) -m coralline.cli bench engine --out $(BENCH_OUT)/engine.json
 	$(PY) -m coralline.cli bench coral --out $(BENCH_OUT)/coral.json
+	$(PY) -m coralline.cli bench pipeline --out $(BENCH_OUT)/pipeline.json
 
 bench-quick: install model ## The side-by-side bench in its quick mode (what CI runs), in $(BENCH_OUT)/quick
 	$(PY) -m coralline.cli bench all --quick --out $(BENCH_OUT)/quick

@@ -1,6 +1,7 @@
 """Sampling stays lossless through the split path: the engine's chi-square test (tests/
 test_engine_lossless.py) run through the drafter and verifier services on a tiny random Llama:
-the law of the first 2 generated tokens over 3000 seeds matches the target's exact law."""
+the law of the first 2 generated tokens over 3000 seeds (T = 0.7, top-p 0.8) matches the
+target's exact law."""
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from coralline.sampling import SamplingParams
 from ..test_engine_lossless import LENGTH, PROMPT, RUNS, _chi2, _exact_law
 from ..tiny import tiny_llama
 
-ALPHA = 1e-3 / 2  # Bonferroni across this file's two cases
+ALPHA = 1e-3
 
 
 def _sample(stack, params: SamplingParams, seed: int) -> tuple[tuple[int, ...], int, int]:
@@ -32,10 +33,8 @@ def _sample(stack, params: SamplingParams, seed: int) -> tuple[tuple[int, ...], 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "params",
-    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.8)],
-    ids=["T1", "T0.7-topp0.8"],
-)
+    "params", [SamplingParams(temperature=0.7, top_p=0.8)], ids=["T0.7-topp0.8"]
+)  # the warped case (T = 1 is covered in-process by test_engine_lossless.py; ~90 s per case)
 def test_sampling_through_the_services_matches_the_target_law(tiny_stack, params):
     with ThreadPoolExecutor(4) as pool:  # a few concurrent sessions, as in serving
         results = list(pool.map(lambda s: _sample(tiny_stack, params, s), range(RUNS)))

@@ -79,6 +79,8 @@ def make_drafter(
             head.attach_weights(weights.embed, weights.lm_head, weights.fingerprint)
         shared = head._embed
         head = head.to(device or shared.device, dtype or shared.dtype)
+        if config.grouped:
+            head.prepare_grouped()  # at load time, not inside the first request
         return CoralDrafter(head, config)
     raise ValueError(f"unknown drafter {name!r}; choose one of: {', '.join(DRAFTERS)}")
 

@@ -71,7 +71,7 @@ class WireStats:
     bytes_from: int = 0
     total_to: int = 0
     total_from: int = 0
-    encode_ns: int = 0  # cumulative: building and serialising requests
+    encode_ns: int = 0  # cumulative: building requests (gRPC serialises them on write)
     decode_ns: int = 0  # cumulative: parsing and validating proposals
     rounds: int = 0
     reconnects: int = 0

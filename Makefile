@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install model test test-fast lint format demo bench bench-quick protos proto-snapshot clean
+.PHONY: help install model servers test test-fast lint format demo bench bench-quick protos proto-snapshot clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -41,13 +41,22 @@ protos: $(STAMP) ## Generate Python gRPC code + .pyi stubs from protos/ into ser
 proto-snapshot: protos ## Rewrite protos/coralline/v1/contract.json after a deliberate, compatible proto change
 	$(PY) -m coralline.rpc.contract
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null && echo sudo; })
+
+servers: ## Install the real servers the tests start (redis-server) from Debian packages when missing
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (Debian package)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version
+
 model: install ## Convert the built-in SmolLM2 GGUF to a cached safetensors folder (once, ~20 s)
 	$(PY) -m coralline.cli model prepare
 
-test: install model ## Run the whole test suite, slow tests included (fails on any failure or no tests)
+test: install model servers ## Run the whole test suite, slow tests included (fails on any failure or no tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install model ## Run the tests not marked slow
+test-fast: install model servers ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff lint + format check

@@ -120,7 +120,11 @@ def _server_options(args: argparse.Namespace):
     from coralline.rpc.server import MiB, ServerOptions
 
     return ServerOptions(
-        host=args.host, port=args.port, max_message_bytes=args.max_message_mb * MiB
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_mb * MiB,
+        registry=args.registry,
+        advertise=args.advertise,
     )
 
 
@@ -425,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         sp.add_argument("--max-sessions", type=int, default=16 if port == 50051 else 64)
         sp.add_argument("--max-message-mb", type=int, default=64, help="gRPC message limit")
+        sp.add_argument(
+            "--registry",
+            default=None,
+            metavar="URL",
+            help="redis://[user:pass@]host:port/db (rediss:// for TLS): register this server "
+            "there with a TTL and its load, for routers to discover",
+        )
+        sp.add_argument(
+            "--advertise", default=None, metavar="HOST:PORT", help="the address to register"
+        )
 
     dr = sub.add_parser("drafter", help="run the drafting gRPC service (CORAL head)")
     server_args(dr, 50052)

@@ -145,3 +145,27 @@ def test_sigterm_drains_and_exits(tiny_folders):
     assert "draining: 1 sessions open" in proc.stderr()
     q.put(None)
     ch.close()
+
+
+@pytest.mark.redis
+def test_a_server_started_with_a_registry_registers_itself(tiny_stack, tiny_folders, redis_url):
+    """--registry: the drafter appears in Redis with its load while it runs, and is removed
+    when it stops."""
+    from coralline.router.registry import RedisRegistry
+    from coralline.rpc.server import ServerOptions
+
+    registry = RedisRegistry(redis_url)
+    registry.client.flushdb()
+    target, head = tiny_folders
+    config = DrafterServiceConfig(
+        model=target, checkpoint=head, server=ServerOptions(registry=redis_url)
+    )
+    server, service = tiny_stack.loop.call(start_drafter(config))
+    deadline = time.monotonic() + 5
+    while not registry.discover() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (worker,) = registry.discover()
+    assert worker.address == server.address and worker.kind == "drafter"
+    assert worker.capacity == config.max_sessions and worker.target == service.fingerprint
+    tiny_stack.loop.call(server.stop())
+    assert registry.discover() == []

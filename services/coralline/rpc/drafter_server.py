@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ import torch
 import coralline
 from coralline.draft.base import DraftInput
 from coralline.draft.registry import DRAFTERS, drafter_factory, drafter_kind
+from coralline.router.placement import DRAFTER, Worker
 from coralline.rpc import codec
 from coralline.rpc.errors import ServiceError, exhausted, not_found
 from coralline.rpc.protos import drafter_pb2, drafter_pb2_grpc
@@ -262,6 +264,17 @@ async def start_drafter(config: DrafterServiceConfig) -> tuple[Server, DrafterSe
     server = Server(config.server, [SERVICE_NAME])
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(service, server.server)
     await server.start()
+    server.register(
+        lambda address: Worker(
+            address,
+            DRAFTER,
+            active=len(service.session_ids),
+            capacity=config.max_sessions,
+            target=service.fingerprint,
+            node=os.environ.get("CORALLINE_NODE", ""),
+            zone=os.environ.get("CORALLINE_ZONE", ""),
+        )
+    )
     return server, service
 
 

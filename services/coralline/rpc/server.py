@@ -29,6 +29,9 @@ class ServerOptions:
     # every committed token (2.3 KB each for SmolLM2): 2048 tokens = 4.7 MB, over gRPC's 4 MiB
     grace_s: float = 5.0  # SIGTERM: how long running streams may finish before they are cut
     keepalive_ms: int = 30_000  # pings on idle links so a dead peer is noticed
+    registry: str | None = None  # redis://... : register this server there with a TTL and its
+    # load (router/registry.py), so routers discover it
+    advertise: str | None = None  # the address others should dial (default: the bound one)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -72,6 +75,7 @@ class Server:
         )
         self.address = ""
         self._stopping = asyncio.Event()
+        self._heartbeat = None
 
     async def start(self) -> str:
         port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
@@ -84,6 +88,17 @@ class Server:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return self.address
 
+    def register(self, describe: Callable[[str], object]) -> None:
+        """With `options.registry`, keep this server registered there: `describe(address)`
+        returns its router.placement.Worker (address, kind, current load)."""
+        if not self.options.registry:
+            return
+        from coralline.router.registry import Heartbeat, RedisRegistry
+
+        address = self.options.advertise or self.address
+        self._heartbeat = Heartbeat(RedisRegistry(self.options.registry), lambda: describe(address))
+        self._heartbeat.start()
+
     def stop_on_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,6 +106,8 @@ class Server:
 
     async def stop(self, on_drain: Callable[[], None] | None = None) -> None:
         """NOT_SERVING first (load balancers stop sending), then let streams finish."""
+        if self._heartbeat is not None:  # routers stop placing sessions here first
+            await self._heartbeat.stop()
         await self.health.enter_graceful_shutdown()
         if on_drain is not None:
             on_drain()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ import grpc
 import coralline
 from coralline.draft.registry import DRAFTERS
 from coralline.engine import Chunk, Engine, EngineConfig
+from coralline.router.placement import VERIFIER, Worker
 from coralline.rpc import codec
 from coralline.rpc.errors import ServiceError, exhausted, not_found
 from coralline.rpc.protos import (
@@ -413,6 +415,17 @@ async def start_verifier(config: VerifierServiceConfig) -> tuple[Server, Verifie
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(core), server.server)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.start()
+    server.register(
+        lambda address: Worker(
+            address,
+            VERIFIER,
+            active=len(core.live),
+            capacity=config.max_sessions,
+            target=core.fingerprint,
+            node=os.environ.get("CORALLINE_NODE", ""),
+            zone=os.environ.get("CORALLINE_ZONE", ""),
+        )
+    )
     return server, core
 
 

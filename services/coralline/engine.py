@@ -140,12 +140,11 @@ class Engine:
         draft_ms = verify_ms = 0.0
         while True:
             t0 = time.perf_counter()
-            root_only = DraftProposal(TokenTree.chain(context[-1], []), None)
             if drafter is not None:
                 step = DraftInput(tuple(new_ids), features, accepted_last)
                 proposal = drafter.propose(step, params)
             else:
-                proposal = root_only
+                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
             fallback = proposal.fallback
             if (
                 fallback is None
@@ -154,7 +153,9 @@ class Engine:
                 fallback = "context"  # near the end of the window: decode plainly
             verify = spec.fn
             if fallback is not None:
-                proposal, verify = root_only, plain.fn  # a root-only tree needs no draft rows
+                # the root alone (a root-only tree needs no draft rows)
+                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
+                verify = plain.fn
                 fallbacks += 1
             tree = proposal.tree
             t1 = time.perf_counter()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ import torch
 import coralline
 from coralline.draft.base import DraftInput
 from coralline.draft.registry import DRAFTERS, drafter_factory, drafter_kind
-from coralline.router.placement import DRAFTER, Worker
+from coralline.router.placement import DRAFTER
 from coralline.rpc import codec
 from coralline.rpc.errors import ServiceError, exhausted, not_found
 from coralline.rpc.protos import drafter_pb2, drafter_pb2_grpc
@@ -265,15 +264,7 @@ async def start_drafter(config: DrafterServiceConfig) -> tuple[Server, DrafterSe
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(service, server.server)
     await server.start()
     server.register(
-        lambda address: Worker(
-            address,
-            DRAFTER,
-            active=len(service.session_ids),
-            capacity=config.max_sessions,
-            target=service.fingerprint,
-            node=os.environ.get("CORALLINE_NODE", ""),
-            zone=os.environ.get("CORALLINE_ZONE", ""),
-        )
+        DRAFTER, config.max_sessions, service.fingerprint, lambda: len(service._sessions)
     )
     return server, service
 
@@ -281,10 +272,10 @@ async def start_drafter(config: DrafterServiceConfig) -> tuple[Server, DrafterSe
 async def serve(config: DrafterServiceConfig, ready=print) -> None:
     """Run until SIGTERM / Ctrl-C; `ready(line)` is called once with the bound address."""
     server, service = await start_drafter(config)
-    kinds = {name: drafter_kind(name)[0] for name in (config.default_drafter,)}
+    kind = drafter_kind(config.default_drafter)[0]
     ready(
         f"coralline drafter listening on {server.address} (target {service.weights.name}, "
-        f"default drafter {config.default_drafter} [{kinds[config.default_drafter]}], "
+        f"default drafter {config.default_drafter} [{kind}], "
         f"device {config.device})"
     )
 

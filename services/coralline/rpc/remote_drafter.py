@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -65,17 +64,11 @@ class RemoteDrafterConfig:
 
 @dataclass
 class WireStats:
-    """Per-round and cumulative bytes and codec times on the drafter link."""
+    """What the verifier reports of the drafter link (RoundStats / Summary)."""
 
-    bytes_to: int = 0  # this round
-    bytes_from: int = 0
-    total_to: int = 0
-    total_from: int = 0
-    encode_ns: int = 0  # cumulative: building requests (gRPC serialises them on write)
-    decode_ns: int = 0  # cumulative: parsing and validating proposals
-    rounds: int = 0
-    reconnects: int = 0
-    fallbacks: dict[str, int] = field(default_factory=dict)
+    bytes_to: int = 0  # this round's request
+    bytes_from: int = 0  # this round's responses (stale ones included)
+    reconnects: int = 0  # re-Opens in this request
 
 
 class _StreamLost(Exception):
@@ -120,12 +113,10 @@ class RemoteDrafter:
         self.wire = WireStats()
 
     def propose(self, step: DraftInput, params: SamplingParams) -> DraftProposal:
-        t_enc = time.perf_counter_ns()
         self.context.extend(step.new_ids)
         if step.features is not None:
             self._features.append(step.features.detach().float().cpu())
         self._round += 1
-        self.wire.rounds += 1
         self.wire.bytes_to = self.wire.bytes_from = 0
         root = self.context[-1]
         if self._given_up is not None:
@@ -139,7 +130,6 @@ class RemoteDrafter:
             req, timeout = self._open_request(params), self.config.open_timeout_s
         else:
             req, timeout = self._commit_request(step), self.config.round_timeout_s
-        self.wire.encode_ns += time.perf_counter_ns() - t_enc
         try:
             fut = asyncio.run_coroutine_threadsafe(self._exchange(req, timeout), self._loop)
             resp = fut.result(timeout + 1.0)
@@ -148,14 +138,10 @@ class RemoteDrafter:
         except Exception as e:  # a bug or an unexpected loop error: this round decodes plainly
             self._drop()
             return self._fallback(root, f"drafter link error: {type(e).__name__}: {e}")
-        t_dec = time.perf_counter_ns()
         try:
-            proposal = self._decode(resp, root, params)
+            return self._decode(resp, root, params)
         except (BadProposal, ValueError) as e:
             return self._fallback(root, f"invalid proposal: {e}")
-        finally:
-            self.wire.decode_ns += time.perf_counter_ns() - t_dec
-        return proposal
 
     # ------------------------------------------------------------------ messages
     def _open_request(self, params: SamplingParams) -> drafter_pb2.DraftRequest:
@@ -203,7 +189,6 @@ class RemoteDrafter:
         return proposal
 
     def _fallback(self, root: int, why: str) -> DraftProposal:
-        self.wire.fallbacks[why] = self.wire.fallbacks.get(why, 0) + 1
         level = logging.DEBUG if self._warned else logging.WARNING
         self._warned = True
         log.log(level, "session %s round %d: plain round (%s)", self.session_id, self._round, why)
@@ -217,7 +202,6 @@ class RemoteDrafter:
         try:
             await call.write(req)
             self.wire.bytes_to = req.ByteSize()
-            self.wire.total_to += self.wire.bytes_to
             deadline = self._loop.time() + timeout
             while True:
                 left = deadline - self._loop.time()
@@ -226,9 +210,7 @@ class RemoteDrafter:
                 resp = await asyncio.wait_for(call.read(), left)
                 if resp is grpc.aio.EOF:
                     raise _StreamLost("the drafter ended the stream")
-                size = resp.ByteSize()
-                self.wire.bytes_from += size
-                self.wire.total_from += size
+                self.wire.bytes_from += resp.ByteSize()
                 got = resp.proposal.round
                 if got < self._round:
                     continue  # a stale proposal (e.g. a late answer): skip it

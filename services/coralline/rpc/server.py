@@ -8,6 +8,7 @@ Knows nothing about the services it hosts.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -88,15 +89,22 @@ class Server:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return self.address
 
-    def register(self, describe: Callable[[str], object]) -> None:
-        """With `options.registry`, keep this server registered there: `describe(address)`
-        returns its router.placement.Worker (address, kind, current load)."""
+    def register(self, kind: str, capacity: int, target: str, active: Callable[[], int]) -> None:
+        """With `options.registry`, keep this server registered there as a router Worker of
+        `kind` with its current load (`active()` sessions of `capacity`), its target fingerprint
+        and the node / zone labels from $CORALLINE_NODE / $CORALLINE_ZONE."""
         if not self.options.registry:
             return
+        from coralline.router.placement import Worker
         from coralline.router.registry import Heartbeat, RedisRegistry
 
         address = self.options.advertise or self.address
-        self._heartbeat = Heartbeat(RedisRegistry(self.options.registry), lambda: describe(address))
+        node, zone = os.environ.get("CORALLINE_NODE", ""), os.environ.get("CORALLINE_ZONE", "")
+
+        def describe() -> Worker:
+            return Worker(address, kind, active(), capacity, target, node, zone)
+
+        self._heartbeat = Heartbeat(RedisRegistry(self.options.registry), describe)
         self._heartbeat.start()
 
     def stop_on_signals(self) -> None:

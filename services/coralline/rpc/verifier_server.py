@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ import grpc
 import coralline
 from coralline.draft.registry import DRAFTERS
 from coralline.engine import Chunk, Engine, EngineConfig
-from coralline.router.placement import VERIFIER, Worker
+from coralline.router.placement import VERIFIER
 from coralline.rpc import codec
 from coralline.rpc.errors import ServiceError, exhausted, not_found
 from coralline.rpc.protos import (
@@ -138,10 +137,7 @@ class VerifierCore:
         cfg, target = self.config, self.target
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the verifier is shutting down")
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= target.vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {target.vocab_size})")
+        # an empty prompt or ids outside the vocabulary: Engine.generate below says so
         if len(prompt) + params.max_new_tokens > target.max_context:
             raise ValueError(
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens "
@@ -299,6 +295,19 @@ def _params(request) -> SamplingParams:
     return codec.sampling_from_pb(request.sampling, limit, list(request.stop))
 
 
+def _response(message_type, step: Step):
+    """A VerifyChunk or GenerateResponse of one round (the two share these field names)."""
+    out = message_type(
+        session_id=step.session_id,
+        token_ids=step.chunk.token_ids,
+        text=step.chunk.text,
+        stats=step.stats,
+    )
+    if step.summary is not None:
+        out.summary.CopyFrom(step.summary)
+    return out
+
+
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     def __init__(self, core: VerifierCore) -> None:
         self.core = core
@@ -313,15 +322,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             request.drafter_endpoint,
             request.verifier,
         ):
-            out = verifier_pb2.VerifyChunk(
-                session_id=step.session_id,
-                token_ids=step.chunk.token_ids,
-                text=step.chunk.text,
-                stats=step.stats,
-            )
-            if step.summary is not None:
-                out.summary.CopyFrom(step.summary)
-            yield out
+            yield _response(verifier_pb2.VerifyChunk, step)
 
     async def Cancel(self, request, context):
         return verifier_pb2.CancelResponse(cancelled=self.core.cancel(request.session_id))
@@ -370,15 +371,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         async for step in self.core.run(
             request.session_id, prompt, params, request.drafter, "", request.verifier
         ):
-            out = generation_pb2.GenerateResponse(
-                session_id=step.session_id,
-                text=step.chunk.text,
-                token_ids=step.chunk.token_ids,
-                stats=step.stats,
-            )
-            if step.summary is not None:
-                out.summary.CopyFrom(step.summary)
-            yield out
+            yield _response(generation_pb2.GenerateResponse, step)
 
     async def GetSession(self, request, context):
         rec = self.core.store.get(request.session_id)
@@ -415,17 +408,7 @@ async def start_verifier(config: VerifierServiceConfig) -> tuple[Server, Verifie
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(core), server.server)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.start()
-    server.register(
-        lambda address: Worker(
-            address,
-            VERIFIER,
-            active=len(core.live),
-            capacity=config.max_sessions,
-            target=core.fingerprint,
-            node=os.environ.get("CORALLINE_NODE", ""),
-            zone=os.environ.get("CORALLINE_ZONE", ""),
-        )
-    )
+    server.register(VERIFIER, config.max_sessions, core.fingerprint, lambda: len(core.live))
     return server, core
 
 

@@ -32,6 +32,17 @@ class SessionRecord:
     summary: object | None = None  # engine.Summary once finished
     error: str = ""
     created_unix_ns: int = field(default_factory=time.time_ns)
+    # the router's metadata (multi-turn sessions, placement, failover)
+    prompt_ids: list[int] = field(default_factory=list)  # this turn's prompt (whole history)
+    sampling: dict = field(default_factory=dict)  # JSON-able SamplingParams fields + seed
+    placement: str = ""  # the verifier address serving this turn
+    drafter_address: str = ""  # the drafter address serving this turn ("" = plain)
+    holder: str = ""  # the verifier address holding the KV cache of prompt_ids + token_ids
+    cached_tokens: int = 0  # tokens in that cache
+    turns: int = 1  # requests in this conversation
+    failovers: int = 0  # times this turn moved to another verifier
+    cancel_requested: bool = False
+    updated_unix_ns: int = field(default_factory=time.time_ns)
 
 
 class SessionStore(Protocol):

@@ -35,6 +35,9 @@ protos: $(STAMP) ## Generate Python gRPC code + .pyi stubs from protos/ into ser
 	@# the generated imports name the proto package (coralline.v1); point them into _proto
 	@sed -i 's/^from coralline\.v1 import/from coralline._proto.coralline.v1 import/' \
 		$(PROTO_OUT)/coralline/v1/*.py $(PROTO_OUT)/coralline/v1/*.pyi
+	@# ... and the module the message classes name, so pickle (Ray) finds them by reference
+	@sed -i "s/'coralline\.v1\.\([a-z_]*_pb2\)'/'coralline._proto.coralline.v1.\1'/" \
+		$(PROTO_OUT)/coralline/v1/*_pb2.py
 	@touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/coralline/__init__.py $(PROTO_OUT)/coralline/v1/__init__.py
 	@echo "generated $(PROTO_OUT)/coralline/v1 from protos/coralline/v1"
 

@@ -105,11 +105,25 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "c
     folder = resolve(name_or_path)
     hf_logging.disable_progress_bar()  # a 0.3 s load needs no progress bar
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    has_tokenizer = any(
+    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    return model, tokenizer
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any(
         (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     )
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a built-in name or a local folder (no weights are read): what a router
+    needs for chat templates. ValueError when the folder has none."""
+    from transformers import AutoTokenizer
+
+    folder = resolve(name_or_path)
+    if not _has_tokenizer(folder):
+        raise ValueError(f"{folder} has no tokenizer: send token ids instead of text")
+    return AutoTokenizer.from_pretrained(folder)
 
 
 @dataclass(frozen=True, eq=False)

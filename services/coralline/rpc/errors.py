@@ -24,6 +24,9 @@ class ServiceError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # crosses process boundaries intact (Ray Serve replicas -> front)
+        return (ServiceError, (self.code, self.message))
+
 
 def not_found(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, message)

@@ -7,6 +7,8 @@ beyond their command line and their ready line.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -15,6 +17,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL when the process that started it dies, however it dies
+    (no orphan servers after a crashed `coralline serve` or test run). The signal follows the
+    THREAD that started the child: start servers from a thread that outlives them."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class ServerProcess:
@@ -34,6 +44,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 text=True,
                 env=env,
+                preexec_fn=_die_with_parent,
             )
         self.address = ""
         self._ready = threading.Event()
@@ -60,6 +71,15 @@ class ServerProcess:
                 f"coralline {self.kind} did not start within {timeout:g} s: {self.stderr()[-3000:]}"
             )
         return self.address
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL (fault tests: a worker that dies without draining)."""
+        self.proc.kill()
+        self.proc.wait(10)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

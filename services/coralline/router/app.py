@@ -1,0 +1,114 @@
+"""The router as a Ray Serve application: `RouterReplica` deployments around RouterCore.
+
+Each replica hosts one RouterCore (stateless between requests: sessions live in the store), so
+Serve may run several and autoscale them on ongoing requests. Its methods are named after the
+public `Generation` RPCs, which is what both ingresses call:
+  - the `grpc.aio` front (front.py, the default): deployment handles, loopback only;
+  - Ray Serve's own gRPC proxy (`gRPCOptions.grpc_servicer_functions`): binds every interface
+    and cancels unreliably (docs/router.md has the measurements), kept for comparison.
+A ServiceError raised here carries its status through either path: the proxy reads it from
+`grpc_context`, the front from the exception Ray re-raises.
+
+Ray must be imported after `loopback_ray_env()` (stack.py does it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from coralline.router.core import RouterConfig
+
+APP_NAME = "coralline"
+GRPC_SERVICER = "coralline._proto.coralline.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+
+def loopback_ray_env() -> None:
+    """Keep every Ray listener on 127.0.0.1 and Ray quiet (set before `import ray`)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    routers: int = 1  # replicas (fixed), unless autoscaling
+    autoscale_max: int = 0  # > 0: autoscale between `routers` and this on ongoing requests
+    target_ongoing_requests: float = 8.0  # per replica, when autoscaling
+    max_ongoing_requests: int = 64  # per replica; Serve queues beyond it
+
+    def __post_init__(self) -> None:
+        if self.routers < 1:
+            raise ValueError("routers must be >= 1")
+        if self.autoscale_max and self.autoscale_max < self.routers:
+            raise ValueError("autoscale_max must be >= routers")
+
+
+class RouterReplica:
+    """One Serve replica: the public Generation RPCs over RouterCore."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        import logging
+
+        from coralline.router.core import RouterCore
+
+        logging.getLogger("coralline").setLevel(os.environ.get("CORALLINE_LOG", "WARNING"))
+        self.core = RouterCore(config)
+
+    @staticmethod
+    def _fail(e: BaseException, grpc_context) -> None:
+        if grpc_context is not None:  # the Serve proxy path: the status it must send
+            from coralline.rpc.errors import status_of
+
+            code, message = status_of(e)
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+
+    async def Generate(self, request, grpc_context=None):
+        try:
+            async for response in self.core.generate(request):
+                yield response
+        except Exception as e:
+            self._fail(e, grpc_context)
+            raise
+
+    async def GetSession(self, request, grpc_context=None):
+        try:
+            return await self.core.get_session(request.session_id)
+        except Exception as e:
+            self._fail(e, grpc_context)
+            raise
+
+    async def CancelSession(self, request, grpc_context=None):
+        from coralline.rpc.protos import generation_pb2
+
+        try:
+            cancelled = await self.core.cancel_session(request.session_id)
+        except Exception as e:
+            self._fail(e, grpc_context)
+            raise
+        return generation_pb2.CancelSessionResponse(cancelled=cancelled)
+
+    async def check_health(self) -> None:
+        pass
+
+
+def build_app(config: RouterConfig, replicas: ReplicaConfig | None = None):
+    """The Serve application (bind it with serve.run)."""
+    from ray import serve
+
+    replicas = replicas or ReplicaConfig()
+    options: dict = {
+        "name": "Router",
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": replicas.max_ongoing_requests,
+    }
+    if replicas.autoscale_max:
+        options["autoscaling_config"] = {
+            "min_replicas": replicas.routers,
+            "max_replicas": replicas.autoscale_max,
+            "target_ongoing_requests": replicas.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = replicas.routers
+    return serve.deployment(RouterReplica).options(**options).bind(config)

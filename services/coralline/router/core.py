@@ -1,0 +1,501 @@
+"""The router's request path, without Ray: what one replica does for each public call.
+
+    Generate(request)  tokenize (chat template) -> create the session in the store, or start
+                       the next turn of a conversation -> place it -> stream from the chosen
+                       verifier's Generate (with the chosen drafter) -> append committed ids to
+                       the record per round -> finish. A verifier that fails mid-stream is
+                       excluded and the session re-placed with prompt + committed ids as its
+                       prompt and the remaining budget: the client's stream goes on with no gap
+                       and no duplicate (failover).
+    GetSession         the record, from the store.
+    CancelSession      sets the record's cancel flag and cancels the verifier's session
+                       directly (whichever replica streams it sees the stream end CANCELLED).
+
+A replica keeps no session state between requests: everything a later request (or another
+replica) needs is in the store. While a request streams, the replica holds its turn in memory
+(`_Turn`) and writes it through; a write the store refuses for being unreachable (Redis
+restarting) is kept and retried each round, and a record that vanished (Redis restarted empty)
+is written again whole, so the record is never partial: the stream itself goes on.
+
+Knows nothing about Ray (app.py hosts it) and nothing about models beyond the tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from coralline.router.discovery import StaticDiscovery
+from coralline.router.placement import NoCapacity, NoWorkers, Placement, Request, place
+from coralline.router.workers import WorkerPool
+from coralline.rpc import codec
+from coralline.rpc.errors import ServiceError, not_found
+from coralline.rpc.protos import common_pb2, generation_pb2, verifier_pb2
+from coralline.sampling import fresh_seed
+from coralline.session import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    SessionConflict,
+    SessionRecord,
+    StoreUnavailable,
+)
+
+log = logging.getLogger("coralline.router")
+
+# a verifier call ending with one of these moves the session to another verifier
+_FAILOVER = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.CANCELLED,  # the verifier went away (not our cancel: that is checked first)
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str = "smollm2-135m-instruct"  # whose tokenizer and chat template (no weights read)
+    verifiers: tuple[str, ...] = ()  # static discovery: verifier addresses
+    drafters: tuple[str, ...] = ()  # static discovery: drafter addresses
+    redis: str | None = None  # the session store (and, without static verifiers, the registry)
+    session_ttl_s: float = 3600.0  # a record idle this long expires (Redis store)
+    history: int = 1024  # finished records kept by the memory store
+    default_drafter: str = "coral"  # a request with an empty drafter name gets this
+    max_failovers: int = 3  # verifier failures one request survives
+    refresh_s: float = 0.25  # how stale the workers' loads may be
+    retry_after_s: float = 1.0  # the hint sent with RESOURCE_EXHAUSTED
+    max_message_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if not self.verifiers and not self.redis:
+            raise ValueError("the router needs verifier addresses or a Redis registry (--redis)")
+        if self.max_failovers < 0 or self.refresh_s < 0 or self.session_ttl_s <= 0:
+            raise ValueError("max_failovers and refresh_s must be >= 0, session_ttl_s > 0")
+
+
+def make_store(config: RouterConfig):
+    if config.redis:
+        from coralline.session_redis import RedisSessionStore
+
+        return RedisSessionStore(config.redis, ttl_s=config.session_ttl_s)
+    from coralline.session import MemorySessionStore
+
+    return MemorySessionStore(config.history, ttl_s=config.session_ttl_s)
+
+
+def make_discovery(config: RouterConfig):
+    if config.verifiers:
+        return StaticDiscovery(config.verifiers, config.drafters)
+    from coralline.router.registry import RedisRegistry
+
+    return RedisRegistry(config.redis)
+
+
+_STATE = {
+    RUNNING: generation_pb2.SESSION_STATE_RUNNING,
+    FINISHED: generation_pb2.SESSION_STATE_FINISHED,
+    CANCELLED: generation_pb2.SESSION_STATE_CANCELLED,
+    FAILED: generation_pb2.SESSION_STATE_FAILED,
+}
+
+
+def session_to_pb(rec: SessionRecord) -> generation_pb2.Session:
+    out = generation_pb2.Session(
+        session_id=rec.session_id,
+        state=_STATE[rec.state],
+        prompt_tokens=rec.prompt_tokens,
+        token_ids=rec.token_ids,
+        text=rec.text,
+        drafter=rec.drafter,
+        verifier=rec.summary.verifier if rec.summary is not None else rec.verifier,
+        created_unix_ns=rec.created_unix_ns,
+        error=rec.error,
+        turns=rec.turns,
+        placement=rec.placement,
+        failovers=rec.failovers,
+        updated_unix_ns=rec.updated_unix_ns,
+    )
+    if rec.summary is not None:
+        codec.summary_to_pb(rec.summary, out.summary)
+    return out
+
+
+@dataclass
+class _Turn:
+    """One request's state while it streams (the store's copy is written through)."""
+
+    record: SessionRecord  # as created / begun
+    prompt: list[int]
+    params: object  # SamplingParams, seed fixed
+    drafter: str  # the drafter name asked for ("none": plain)
+    verifier: str  # the verification method asked for ("" = default)
+    ids: list[int] = dataclasses.field(default_factory=list)  # generated this turn
+    text: str = ""
+    stored: int = 0  # how many of `ids` the store has
+    stored_text: int = 0  # how much of `text` the store has
+    rounds: int = 0
+    accepted: int = 0
+    draft_ns: int = 0
+    verify_ns: int = 0
+    failovers: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def sid(self) -> str:
+        return self.record.session_id
+
+
+class RouterCore:
+    """One router replica's logic; every method runs on the replica's event loop."""
+
+    def __init__(self, config: RouterConfig, store=None, discovery=None) -> None:
+        from coralline import models
+
+        self.config = config
+        self.store = store if store is not None else make_store(config)
+        self.pool = WorkerPool(
+            discovery if discovery is not None else make_discovery(config),
+            refresh_s=config.refresh_s,
+            max_message_bytes=config.max_message_bytes,
+        )
+        self.tokenizer = models.load_tokenizer(config.model)
+        self._turn_ids_cache = None
+
+    # ------------------------------------------------------------------ the store, off-loop
+    async def _store(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except StoreUnavailable as e:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"session store: {e}") from None
+
+    # ------------------------------------------------------------------ requests
+    def _prompt(self, request, history: list[int] | None) -> list[int]:
+        from coralline.conversation import next_turn_ids
+
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            chat = request.chat_template if request.HasField("chat_template") else True
+            if history is not None:
+                return next_turn_ids(self.tokenizer, history, request.text, self._eos(), chat=chat)
+            if not request.text.strip():
+                raise ValueError("the prompt is empty")
+            if chat and getattr(self.tokenizer, "chat_template", None):
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": request.text}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                )
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                    ids = ids["input_ids"]
+            else:
+                ids = self.tokenizer(request.text)["input_ids"]
+            return [int(t) for t in ids]
+        if kind == "token_ids":
+            ids = [int(t) for t in request.token_ids.ids]
+            if not ids:
+                raise ValueError("the prompt is empty")
+            return (history or []) + ids
+        raise ValueError("the request has no prompt: set text or token_ids")
+
+    def _eos(self) -> frozenset[int]:
+        eos = self.tokenizer.eos_token_id
+        return frozenset() if eos is None else frozenset([int(eos)])
+
+    async def _begin(self, request) -> _Turn:
+        limit = request.max_new_tokens if request.HasField("max_new_tokens") else None
+        if limit is not None and limit <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {limit}")
+        params = codec.sampling_from_pb(request.sampling, limit, list(request.stop))
+        if params.seed is None:  # fixed here, so a failover continues the same random stream
+            params = dataclasses.replace(params, seed=fresh_seed())
+        drafter = request.drafter or self.config.default_drafter
+        sampling = {
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "top_p": params.top_p,
+            "seed": params.seed,
+            "max_new_tokens": params.max_new_tokens,
+            "stop": list(params.stop),
+        }
+        sid = request.session_id
+        if request.continue_session:
+            if not sid:
+                raise ValueError("continue_session needs the session_id of the conversation")
+            old = await self._store(self.store.get, sid)
+            if old is None:
+                raise not_found(f"unknown session {sid!r} (never made, or expired)")
+            if old.state == RUNNING:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"session {sid!r} is still running: wait for its stream to end",
+                )
+            prompt = self._prompt(request, list(old.prompt_ids) + list(old.token_ids))
+            try:
+                rec = await self._store(self.store.begin_turn, sid, prompt, sampling, drafter)
+            except SessionConflict:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is already running"
+                ) from None
+        else:
+            prompt = self._prompt(request, None)
+            sid = sid or uuid.uuid4().hex
+            rec = SessionRecord(
+                sid, len(prompt), drafter, request.verifier, prompt_ids=prompt, sampling=sampling
+            )
+            try:
+                await self._store(self.store.create, rec)
+            except KeyError:
+                raise ServiceError(
+                    grpc.StatusCode.ALREADY_EXISTS, f"session {sid!r} is already running"
+                ) from None
+        return _Turn(rec, prompt, params, drafter, request.verifier)
+
+    async def _place(self, turn: _Turn, exclude: set[str]) -> Placement:
+        workers = await self.pool.workers()
+        try:
+            p = place(
+                workers,
+                Request(turn.sid, turn.drafter, holder=turn.record.holder),
+                exclude,
+                self.config.retry_after_s,
+            )
+        except NoWorkers as e:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except NoCapacity as e:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        self.pool.placed(p.verifier.address, p.drafter.address if p.drafter else "")
+        if p.reason:
+            log.info("session %s: %s", turn.sid, p.reason)
+        return p
+
+    def _verify_request(self, turn: _Turn, p: Placement) -> verifier_pb2.VerifyRequest:
+        params = turn.params
+        req = verifier_pb2.VerifyRequest(
+            session_id=turn.sid,
+            prompt_ids=turn.prompt + turn.ids,
+            max_new_tokens=params.max_new_tokens - len(turn.ids),
+            stop=list(params.stop),
+            drafter=turn.drafter if p.drafter is not None else "none",
+            drafter_endpoint=p.drafter.address if p.drafter is not None else "",
+            verifier=turn.verifier,
+            retain=True,
+        )
+        codec.sampling_to_pb(params, req.sampling)
+        return req
+
+    # ------------------------------------------------------------------ write-through
+    def _write(self, turn: _Turn) -> bool:
+        """Bring the store's record up to the turn (in a worker thread); True if it is there."""
+        store = self.store
+        pending, text = turn.ids[turn.stored :], turn.text[turn.stored_text :]
+        try:
+            if pending or text:
+                store.append(turn.sid, pending, text, expected_len=turn.stored)
+            turn.stored, turn.stored_text = len(turn.ids), len(turn.text)
+            return True
+        except StoreUnavailable:
+            return False  # kept; retried next round
+        except KeyError:  # the record vanished (the store restarted empty): write it whole
+            rec = dataclasses.replace(
+                turn.record,
+                token_ids=list(turn.ids),
+                text=turn.text,
+                state=RUNNING,
+                failovers=turn.failovers,
+            )
+            try:
+                store.create(rec)
+            except (StoreUnavailable, KeyError):
+                return False
+            log.warning("session %s: its record was gone from the store; rewritten", turn.sid)
+            turn.stored, turn.stored_text = len(turn.ids), len(turn.text)
+            return True
+        except SessionConflict as e:  # another writer: never overwrite what it wrote
+            log.error("session %s: the store's record changed under this router: %s", turn.sid, e)
+            turn.stored, turn.stored_text = len(turn.ids), len(turn.text)
+            return False
+
+    def _round(self, turn: _Turn) -> bool:
+        """Write the round through and read the cancel flag (one thread hop per round)."""
+        self._write(turn)
+        try:
+            return self.store.cancel_requested(turn.sid)
+        except StoreUnavailable:
+            return False
+
+    def _finish(self, turn: _Turn, state: str, summary, error: str, holder: str) -> None:
+        for attempt in range(3):  # a restarting store gets a few seconds
+            if self._write(turn):
+                try:
+                    if holder:
+                        self.store.update(
+                            turn.sid,
+                            holder=holder,
+                            cached_tokens=len(turn.prompt) + len(turn.ids) - 1,
+                            failovers=turn.failovers,
+                        )
+                    self.store.finish(turn.sid, state, summary, error)
+                    return
+                except (StoreUnavailable, KeyError):
+                    pass
+            time.sleep(0.5 * (attempt + 1))
+        log.error("session %s: could not record its end (%s) in the session store", turn.sid, state)
+
+    # ------------------------------------------------------------------ Generate
+    async def generate(self, request) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        turn = await self._begin(request)
+        state, error, summary, holder = CANCELLED, "", None, ""
+        try:
+            async for response, done in self._stream(turn):
+                if done is not None:
+                    summary, holder = done
+                    state = FINISHED
+                yield response
+        except ServiceError as e:
+            state = CANCELLED if e.code == grpc.StatusCode.CANCELLED else FAILED
+            error = "" if state == CANCELLED else e.message
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            state, error = FAILED, f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            await asyncio.shield(
+                asyncio.to_thread(self._finish, turn, state, summary, error, holder)
+            )
+
+    async def _stream(self, turn: _Turn):
+        """(GenerateResponse, None | (Summary, holder address)) per round, failing over."""
+        exclude: set[str] = set()
+        while True:
+            p = await self._place(turn, exclude)
+            address = p.verifier.address
+            fields = {"placement": address, "failovers": turn.failovers}
+            fields["drafter_address"] = p.drafter.address if p.drafter is not None else ""
+            await self._store(self.store.update, turn.sid, **fields)
+            call = self.pool.verifier(address).Generate(self._verify_request(turn, p))
+            segment_start = len(turn.ids)
+            try:
+                async for chunk in call:
+                    response = self._relay(turn, chunk, segment_start)
+                    if await asyncio.to_thread(self._round, turn):
+                        call.cancel()
+                        raise ServiceError(
+                            grpc.StatusCode.CANCELLED, f"session {turn.sid} was cancelled"
+                        )
+                    if chunk.HasField("summary"):
+                        yield response, (codec.summary_from_pb(response.summary), address)
+                        return
+                    yield response, None
+                raise ServiceError(
+                    grpc.StatusCode.INTERNAL, f"verifier {address} ended the stream early"
+                )
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.CANCELLED and await self._cancel_requested(turn):
+                    raise ServiceError(
+                        grpc.StatusCode.CANCELLED, f"session {turn.sid} was cancelled"
+                    ) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    exclude.add(address)  # full since its last Info: another one
+                    continue
+                if code not in _FAILOVER:
+                    raise ServiceError(code, e.details() or code.name) from None
+                self.pool.failed(address)
+                exclude.add(address)
+                turn.failovers += 1
+                log.warning(
+                    "session %s: verifier %s failed (%s: %s) after %d tokens; failover %d",
+                    turn.sid,
+                    address,
+                    code.name,
+                    e.details(),
+                    len(turn.ids),
+                    turn.failovers,
+                )
+                if turn.failovers > self.config.max_failovers:
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"session {turn.sid}: {turn.failovers} verifiers failed; giving up",
+                    ) from None
+            finally:
+                call.cancel()  # a no-op once it ended; frees the verifier's session otherwise
+
+    async def _cancel_requested(self, turn: _Turn) -> bool:
+        try:
+            return await asyncio.to_thread(self.store.cancel_requested, turn.sid)
+        except StoreUnavailable:
+            return False
+
+    def _relay(self, turn: _Turn, chunk, segment_start: int) -> generation_pb2.GenerateResponse:
+        """The client's response for a verifier chunk; after a failover, rounds are renumbered
+        and the text is re-derived from all ids (the new verifier saw only its own tokens)."""
+        ids = list(chunk.token_ids)
+        turn.ids.extend(ids)
+        if turn.failovers and segment_start:
+            full = self.tokenizer.decode(turn.ids, skip_special_tokens=True)
+            text = full[len(turn.text) :] if full.startswith(turn.text) else chunk.text
+        else:
+            text = chunk.text
+        turn.text += text
+        turn.rounds += 1
+        turn.accepted += chunk.stats.accepted
+        turn.draft_ns += chunk.stats.draft_ns
+        turn.verify_ns += chunk.stats.verify_ns
+        stats = common_pb2.RoundStats()
+        stats.CopyFrom(chunk.stats)
+        stats.round = turn.rounds
+        out = generation_pb2.GenerateResponse(
+            session_id=turn.sid, token_ids=ids, text=text, stats=stats
+        )
+        if chunk.HasField("summary"):
+            s = out.summary
+            s.CopyFrom(chunk.summary)
+            s.failovers = turn.failovers
+            if turn.failovers:  # the last verifier saw only its segment
+                elapsed = time.perf_counter() - turn.started
+                s.tokens = len(turn.ids)
+                s.rounds = turn.rounds
+                s.acceptance_length = 1.0 + turn.accepted / turn.rounds
+                s.tokens_per_second = len(turn.ids) / elapsed if elapsed > 0 else 0.0
+                s.draft_ns, s.verify_ns = turn.draft_ns, turn.verify_ns
+                s.prompt_tokens = len(turn.prompt)
+        return out
+
+    # ------------------------------------------------------------------ other calls
+    async def get_session(self, session_id: str) -> generation_pb2.Session:
+        rec = await self._store(self.store.get, session_id)
+        if rec is None:
+            raise not_found(f"unknown session {session_id!r} (never made, or expired)")
+        return session_to_pb(rec)
+
+    async def cancel_session(self, session_id: str) -> bool:
+        try:
+            running = await self._store(self.store.request_cancel, session_id)
+        except KeyError:
+            raise not_found(f"unknown session {session_id!r} (never made, or expired)") from None
+        if not running:
+            return False
+        rec = await self._store(self.store.get, session_id)
+        if rec is not None and rec.placement:  # free its verifier session now
+            try:
+                await self.pool.verifier(rec.placement).Cancel(
+                    verifier_pb2.CancelRequest(session_id=session_id), timeout=2.0
+                )
+            except grpc.aio.AioRpcError as e:  # not placed yet, or gone: the flag stops it
+                log.info("cancel %s at %s: %s", session_id, rec.placement, e.code().name)
+        return True
+
+    async def close(self) -> None:
+        await self.pool.close()

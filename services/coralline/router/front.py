@@ -1,0 +1,106 @@
+"""The public port: a `grpc.aio` Generation server in front of the Ray Serve router deployment.
+
+Why not Serve's own gRPC proxy (docs/router.md has the measurements): the proxy binds every
+interface (hard-coded `[::]`), and a client's cancel reached the replica's generator in only
+some trials, leaving the verifier decoding for nobody. This front binds the address it is given
+(loopback by default), and when a client goes away it cancels the deployment stream AND sends
+CancelSession for the session (the front names every session before the call, so it knows the
+id even before the first chunk): the verifier's session is freed within milliseconds.
+
+Errors: a ServiceError raised in a replica comes back as a RayTaskError whose cause is the
+ServiceError; it is re-raised here so the ErrorInterceptor sends its status. Serve's own
+refusals map to UNAVAILABLE / RESOURCE_EXHAUSTED.
+
+Knows nothing about routing: it forwards requests to the deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from coralline.rpc.errors import ServiceError
+from coralline.rpc.protos import generation_pb2, generation_pb2_grpc
+from coralline.rpc.server import Server, ServerOptions
+
+log = logging.getLogger("coralline.front")
+
+SERVICE_NAMES = [generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name]
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The exception a replica raised (Ray wraps it), or a ServiceError for Serve's own."""
+    from ray import exceptions as ray_exc
+    from ray.serve import exceptions as serve_exc
+
+    cause = getattr(e, "cause", None)
+    if isinstance(e, ray_exc.RayTaskError) and cause is not None:
+        e = cause
+    if isinstance(e, ServiceError | ValueError):
+        return e
+    if isinstance(e, serve_exc.BackPressureError):
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    if isinstance(e, ray_exc.RayActorError | serve_exc.DeploymentUnavailableError):
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"router replica unavailable: {e}")
+    return e
+
+
+class FrontServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, handle) -> None:
+        self.handle = handle  # DeploymentHandle of the router deployment
+        self._stream = handle.options(stream=True)
+        self._cancels: set[asyncio.Task] = set()
+
+    async def Generate(self, request, context):
+        if not request.session_id:
+            named = generation_pb2.GenerateRequest()
+            named.CopyFrom(request)
+            named.session_id = uuid.uuid4().hex
+            request = named
+        responses = self._stream.Generate.remote(request)
+        done = False
+        try:
+            async for response in responses:
+                yield response
+            done = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            done = True
+            raise _unwrap(e) from None
+        finally:
+            if not done:  # the client went away (or the server stops): stop the session
+                responses.cancel()
+                task = asyncio.get_running_loop().create_task(self._cancel(request.session_id))
+                self._cancels.add(task)
+                task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, session_id: str) -> None:
+        try:
+            await self.handle.CancelSession.remote(
+                generation_pb2.CancelSessionRequest(session_id=session_id)
+            )
+        except Exception as e:  # finished meanwhile, or never started: nothing to free
+            log.info("cancel of %s after the client left: %s", session_id, _unwrap(e))
+
+    async def GetSession(self, request, context):
+        try:
+            return await self.handle.GetSession.remote(request)
+        except Exception as e:
+            raise _unwrap(e) from None
+
+    async def CancelSession(self, request, context):
+        try:
+            return await self.handle.CancelSession.remote(request)
+        except Exception as e:
+            raise _unwrap(e) from None
+
+
+async def start_front(handle, options: ServerOptions) -> Server:
+    server = Server(options, SERVICE_NAMES)
+    generation_pb2_grpc.add_GenerationServicer_to_server(FrontServicer(handle), server.server)
+    await server.start()
+    return server

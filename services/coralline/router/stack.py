@@ -1,0 +1,248 @@
+"""`coralline serve`: the whole stack on this machine, on loopback, started and stopped as one.
+
+    drafters (M processes) ─┐
+    verifiers (N processes) ─┼─ Ray (loopback) ── Serve app "coralline": RouterReplica x R
+                             └─ public port: the grpc.aio front (default) or Serve's gRPC proxy
+
+Workers are `coralline drafter|verifier --port 0` processes (rpc/process.py; they die with this
+process even when it is killed), found by static discovery; the session store is in the router
+replica's memory unless `redis` is given (required for more than one router replica: replicas
+share nothing else). `Stack.stop()` takes everything down in reverse order; SIGINT / SIGTERM
+call it (`run()`).
+
+Knows nothing about requests: it starts and stops processes and Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coralline.router.app import APP_NAME, GRPC_SERVICER, ReplicaConfig, loopback_ray_env
+from coralline.router.core import RouterConfig
+from coralline.rpc.process import ServerProcess
+from coralline.rpc.server import ServerOptions
+
+log = logging.getLogger("coralline.serve")
+
+INGRESSES = ("front", "proxy")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    port: int = 50051  # the public Generation port (0 = a free one)
+    host: str = "127.0.0.1"  # the front's bind address (the proxy always binds [::])
+    drafters: int = 1
+    verifiers: int = 1
+    redis: str | None = None  # redis://... : the session store (memory when None)
+    model: str = "smollm2-135m-instruct"
+    draft_checkpoint: str | None = None
+    device: str = "cpu"
+    max_sessions: int = 16  # per verifier
+    ingress: str = "front"  # "front" (grpc.aio on Serve handles) or "proxy" (Serve's gRPC proxy)
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    log_dir: str | None = None  # worker logs (default: a temporary folder)
+    ray_cpus: int = 2
+
+    def __post_init__(self) -> None:
+        if self.ingress not in INGRESSES:
+            raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
+        if self.verifiers < 1 or self.drafters < 0:
+            raise ValueError("verifiers must be >= 1 and drafters >= 0")
+        if (self.replicas.routers > 1 or self.replicas.autoscale_max) and not self.redis:
+            raise ValueError(
+                "several router replicas share sessions only through Redis: add --redis URL"
+            )
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="coralline-serve-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.drafters: list[ServerProcess] = []
+        self.verifiers: list[ServerProcess] = []
+        self.address = ""
+        self._front = None
+        self._loop = None
+        self._ray = False
+
+    # ------------------------------------------------------------------ workers
+    def _worker_args(self) -> list[str]:
+        cfg = self.config
+        return ["--model", cfg.model, "--device", cfg.device]
+
+    def start_workers(self, timeout_s: float = 180.0) -> None:
+        """Start every worker process at once (from this thread), then wait for all."""
+        cfg = self.config
+        extra = ["--draft-checkpoint", cfg.draft_checkpoint] if cfg.draft_checkpoint else []
+        for _ in range(cfg.drafters):
+            self.drafters.append(
+                ServerProcess("drafter", [*self._worker_args(), *extra], self.log_dir)
+            )
+        for _ in range(cfg.verifiers):
+            args = [*self._worker_args(), "--no-drafter", "--max-sessions", str(cfg.max_sessions)]
+            self.verifiers.append(ServerProcess("verifier", args, self.log_dir))
+        for p in [*self.drafters, *self.verifiers]:
+            p.wait_ready(timeout_s)
+
+    def add_verifier(self, timeout_s: float = 180.0) -> ServerProcess:
+        """One more verifier (tests; discovery is static, so only for a restarted router)."""
+        cfg = self.config
+        args = [*self._worker_args(), "--no-drafter", "--max-sessions", str(cfg.max_sessions)]
+        p = ServerProcess("verifier", args, self.log_dir)
+        p.wait_ready(timeout_s)
+        self.verifiers.append(p)
+        return p
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(
+            model=self.config.model,
+            verifiers=tuple(p.address for p in self.verifiers),
+            drafters=tuple(p.address for p in self.drafters),
+            redis=self.config.redis,
+            default_drafter="coral" if self.drafters else "none",
+        )
+
+    # ------------------------------------------------------------------ Ray Serve
+    def start_router(self) -> str:
+        loopback_ray_env()
+        import ray
+        from ray import serve
+        from ray.serve.config import gRPCOptions
+
+        from coralline.router.app import build_app
+
+        cfg = self.config
+        ray.init(
+            num_cpus=cfg.ray_cpus,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            namespace="coralline",
+        )
+        self._ray = True
+        if cfg.ingress == "proxy":
+            port = cfg.port or _free_port()
+            serve.start(
+                proxy_location="HeadOnly",
+                http_options={"host": "127.0.0.1", "port": _free_port()},
+                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
+            )
+            serve.run(build_app(self.router_config(), cfg.replicas), name=APP_NAME)
+            self.address = f"127.0.0.1:{port}"
+        else:
+            serve.start(proxy_location="Disabled")
+            handle = serve.run(
+                build_app(self.router_config(), cfg.replicas), name=APP_NAME, route_prefix=None
+            )
+            self._start_front(handle)
+        return self.address
+
+    def _start_front(self, handle) -> None:
+        """The grpc.aio front on its own event-loop thread."""
+        import asyncio
+
+        from coralline.router.front import start_front
+
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def main() -> None:
+            try:
+                self._front = await start_front(
+                    handle, ServerOptions(host=self.config.host, port=self.config.port)
+                )
+                self.address = self._front.address
+            except BaseException as e:
+                failure.append(e)
+            ready.set()
+
+        thread = threading.Thread(target=loop.run_forever, name="front", daemon=True)
+        thread.start()
+        asyncio.run_coroutine_threadsafe(main(), loop)
+        ready.wait(60)
+        if failure:
+            raise failure[0]
+        self._loop = loop
+
+    # ------------------------------------------------------------------ whole stack
+    def start(self) -> str:
+        t0 = time.perf_counter()
+        try:
+            self.start_workers()
+            self.start_router()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("stack up in %.1f s at %s", time.perf_counter() - t0, self.address)
+        return self.address
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._front is not None and self._loop is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._front.stop(), self._loop)
+            try:
+                fut.result(15)
+            except Exception as e:
+                log.warning("front stop: %s", e)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._front = None
+        if self._ray:
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                self._ray = False
+        for p in [*self.verifiers, *self.drafters]:
+            p.stop()
+
+    def describe(self) -> list[str]:
+        lines = [f"coralline serve listening on {self.address} ({self.config.ingress} ingress)"]
+        for p in self.drafters:
+            lines.append(f"  drafter  {p.address} pid {p.pid}")
+        for p in self.verifiers:
+            lines.append(f"  verifier {p.address} pid {p.pid}")
+        store = self.config.redis or "memory (in the router replica)"
+        lines.append(f"  sessions {store}; logs {self.log_dir}")
+        return lines
+
+
+def run(config: StackConfig, ready=print) -> int:
+    """Start the stack, print the endpoint, wait for Ctrl-C / SIGTERM, stop everything."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = Stack(config)
+    stack.start()
+    try:
+        for line in stack.describe():
+            ready(line)
+        while not stop.wait(0.5):
+            dead = [p for p in [*stack.verifiers, *stack.drafters] if not p.alive()]
+            if dead and not getattr(stack, "_warned", False):
+                log.warning("worker(s) ended: %s", ", ".join(f"{p.kind} {p.pid}" for p in dead))
+                stack._warned = True
+    finally:
+        stack.stop()
+    return 0

@@ -320,7 +320,11 @@ class RouterCore:
             log.warning("session %s: its record was gone from the store; rewritten", turn.sid)
             turn.stored, turn.stored_text = len(turn.ids), len(turn.text)
             return True
-        except SessionConflict as e:  # another writer: never overwrite what it wrote
+        except SessionConflict as e:
+            if e.committed == turn.stored + len(pending):  # our append landed, its reply lost
+                turn.stored, turn.stored_text = len(turn.ids), len(turn.text)
+                return True
+            # another writer: never overwrite what it wrote
             log.error("session %s: the store's record changed under this router: %s", turn.sid, e)
             turn.stored, turn.stored_text = len(turn.ids), len(turn.text)
             return False

@@ -170,6 +170,32 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
     return _serve(partial(serve, config))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from coralline.router.app import ReplicaConfig
+    from coralline.router.stack import StackConfig, run
+
+    logging.basicConfig(
+        level=os.environ.get("CORALLINE_LOG", "WARNING"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    config = StackConfig(
+        port=args.port,
+        host=args.host,
+        drafters=args.drafters,
+        verifiers=args.verifiers,
+        redis=args.redis,
+        model=args.model,
+        draft_checkpoint=args.draft_checkpoint,
+        device=args.device,
+        max_sessions=args.max_sessions,
+        ingress=args.ingress,
+        replicas=ReplicaConfig(routers=args.routers, autoscale_max=args.autoscale_max),
+        log_dir=args.log_dir,
+    )
+    return run(config, ready=lambda line: print(line, flush=True))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from coralline.eval import demo
 
@@ -456,6 +482,40 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("--max-tree-nodes", type=int, default=256)
     vr.add_argument("--round-timeout", type=float, default=2.0, help="seconds per proposal")
     vr.set_defaults(fn=_cmd_verifier)
+
+    sv = sub.add_parser(
+        "serve",
+        help="the whole stack on this machine: drafters, verifiers, the Ray Serve router and "
+        "the public Generation port (loopback); Ctrl-C stops everything",
+    )
+    sv.add_argument("--port", type=int, default=50051, help="public port (0 = any free one)")
+    sv.add_argument("--host", default="127.0.0.1", help="public bind address (front ingress)")
+    sv.add_argument("--drafters", type=int, default=1, help="drafter processes (0 = plain)")
+    sv.add_argument("--verifiers", type=int, default=1, help="verifier processes")
+    sv.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="redis://[user:pass@]host:port/db (rediss:// for TLS): the session store "
+        "(default: in the router's memory)",
+    )
+    sv.add_argument("--routers", type=int, default=1, help="router replicas (>1 needs --redis)")
+    sv.add_argument(
+        "--autoscale-max", type=int, default=0, help="autoscale routers up to this (needs --redis)"
+    )
+    sv.add_argument(
+        "--ingress",
+        default="front",
+        choices=["front", "proxy"],
+        help="front: grpc.aio on Serve handles (loopback, reliable cancel); proxy: Serve's own "
+        "gRPC proxy (binds every interface; see docs/router.md)",
+    )
+    sv.add_argument("--model", default="smollm2-135m-instruct", help="the target")
+    sv.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")
+    sv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (workers)")
+    sv.add_argument("--max-sessions", type=int, default=16, help="per verifier")
+    sv.add_argument("--log-dir", default=None, help="worker logs (default: a temporary folder)")
+    sv.set_defaults(fn=_cmd_serve)
 
     d = sub.add_parser("demo", help="speculation vs plain decoding on SmolLM2, same run")
     d.add_argument("--prompt", default=None)

@@ -156,6 +156,7 @@ def build_request(
     drafter: str | None,
     verifier: str | None,
     session_id: str | None,
+    continue_session: bool = False,
 ) -> generation_pb2.GenerateRequest:
     """The GenerateRequest for the SDK's keyword arguments; optional fields only when given.
 
@@ -198,6 +199,10 @@ def build_request(
         req.verifier = verifier
     if session_id is not None:
         req.session_id = session_id
+    if continue_session:
+        if not session_id:
+            raise ValueError("continue_session=True needs the conversation's session_id")
+        req.continue_session = True
     return req
 
 
@@ -256,6 +261,8 @@ def summary_from_pb(msg: common_pb2.Summary) -> Summary:
         prompt_tokens=msg.prompt_tokens,
         fallback_rounds=msg.fallback_rounds,
         drafter_reconnects=msg.drafter_reconnects,
+        cached_prompt_tokens=msg.cached_prompt_tokens,
+        failovers=msg.failovers,
     )
 
 
@@ -281,6 +288,10 @@ def session_from_pb(msg: generation_pb2.Session) -> SessionInfo:
         summary=summary_from_pb(msg.summary) if msg.HasField("summary") else None,
         created_unix_ns=msg.created_unix_ns,
         error=msg.error or None,
+        turns=msg.turns,
+        placement=msg.placement,
+        failovers=msg.failovers,
+        updated_unix_ns=msg.updated_unix_ns,
     )
 
 

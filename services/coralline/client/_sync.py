@@ -104,6 +104,7 @@ class Client:
         drafter: str | None = None,
         verifier: str | None = None,
         session_id: str | None = None,
+        continue_session: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> GenerationResult:
         """Generate from a text prompt or token ids and return the whole result.
@@ -111,11 +112,15 @@ class Client:
         Exactly one of `prompt` and `token_ids` (ValueError otherwise). `chat_template` applies
         to text prompts only. Unset optional arguments leave the server's defaults (top_p 1,
         a fresh seed reported in the summary, max_new_tokens 256, the default drafter and
-        verifier, a server-made session id). Raises a CorallineError subclass on failure.
+        verifier, a server-made session id). `continue_session=True` with the `session_id` of a
+        finished session continues that conversation: `prompt` is the next user message (or
+        `token_ids` the ids appended); the server holding the conversation's KV cache prefills
+        only the new tokens (`summary.cached_prompt_tokens`). Raises a CorallineError subclass
+        on failure.
         """
         request = _common.build_request(
             prompt, token_ids, chat_template, max_new_tokens, temperature, top_k, top_p, seed,
-            stop, drafter, verifier, session_id,
+            stop, drafter, verifier, session_id, continue_session,
         )  # fmt: skip
         collector = _common.Collector()
         for chunk in self._stream(request, _common.resolve_timeout(timeout, self._settings)):
@@ -137,6 +142,7 @@ class Client:
         drafter: str | None = None,
         verifier: str | None = None,
         session_id: str | None = None,
+        continue_session: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> Iterator[Chunk]:
         """Like generate(), but yields one Chunk per round as it arrives (the last one carries
@@ -145,7 +151,7 @@ class Client:
         retried (a retry would repeat tokens)."""
         request = _common.build_request(
             prompt, token_ids, chat_template, max_new_tokens, temperature, top_k, top_p, seed,
-            stop, drafter, verifier, session_id,
+            stop, drafter, verifier, session_id, continue_session,
         )  # fmt: skip
         return self._stream(request, _common.resolve_timeout(timeout, self._settings))
 

@@ -43,6 +43,8 @@ class Summary:
     prompt_tokens: int
     fallback_rounds: int
     drafter_reconnects: int
+    cached_prompt_tokens: int = 0  # prompt tokens found in a retained KV cache (not prefilled)
+    failovers: int = 0  # times the router moved the session to another verifier
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class SessionInfo:
     summary: Summary | None  # set once finished
     created_unix_ns: int  # a wall-clock timestamp, kept in ns as the wire sends it
     error: str | None  # set when failed
+    turns: int = 1  # requests in this conversation
+    placement: str = ""  # the verifier address serving it ("" when unknown)
+    failovers: int = 0
+    updated_unix_ns: int = 0
 
 
 __all__ = ["Chunk", "GenerationResult", "RoundStats", "SessionInfo", "Summary"]

@@ -78,6 +78,7 @@ class Stack:
         self.drafters: list[ServerProcess] = []
         self.verifiers: list[ServerProcess] = []
         self.address = ""
+        self.ingress = config.ingress
         self._front = None
         self._loop = None
         self._ray = False
@@ -120,7 +121,8 @@ class Stack:
         )
 
     # ------------------------------------------------------------------ Ray Serve
-    def start_router(self) -> str:
+    def start_router(self, ingress: str | None = None) -> str:
+        """Ray, Serve and the public port (`ingress` overrides the config's)."""
         loopback_ray_env()
         import ray
         from ray import serve
@@ -129,6 +131,10 @@ class Stack:
         from coralline.router.app import build_app
 
         cfg = self.config
+        ingress = ingress or cfg.ingress
+        if ingress not in INGRESSES:
+            raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
+        self.ingress = ingress
         ray.init(
             num_cpus=cfg.ray_cpus,
             include_dashboard=False,
@@ -137,7 +143,7 @@ class Stack:
             namespace="coralline",
         )
         self._ray = True
-        if cfg.ingress == "proxy":
+        if ingress == "proxy":
             port = cfg.port or _free_port()
             serve.start(
                 proxy_location="HeadOnly",
@@ -195,6 +201,12 @@ class Stack:
         return self.address
 
     def stop(self) -> None:
+        self.stop_router()
+        for p in [*self.verifiers, *self.drafters]:
+            p.stop()
+
+    def stop_router(self) -> None:
+        """The front, Serve and Ray (the workers keep running: start_router() again)."""
         import asyncio
 
         if self._front is not None and self._loop is not None:
@@ -214,11 +226,9 @@ class Stack:
             finally:
                 ray.shutdown()
                 self._ray = False
-        for p in [*self.verifiers, *self.drafters]:
-            p.stop()
 
     def describe(self) -> list[str]:
-        lines = [f"coralline serve listening on {self.address} ({self.config.ingress} ingress)"]
+        lines = [f"coralline serve listening on {self.address} ({self.ingress} ingress)"]
         for p in self.drafters:
             lines.append(f"  drafter  {p.address} pid {p.pid}")
         for p in self.verifiers:

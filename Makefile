@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install model servers test test-fast lint format demo bench bench-quick protos proto-snapshot clean
+.PHONY: help install model servers test test-fast lint format demo serve bench bench-quick protos proto-snapshot clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -70,8 +70,13 @@ format: install ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix services tests
 	$(VENV)/bin/ruff format services tests
 
-demo: install model ## Stream SmolLM2 with speculation beside plain decoding (same run, same prompt)
+demo: install model ## The stack up (drafter, verifier, Ray Serve router), speculation vs plain through the SDK, stack down
 	$(PY) -m coralline.cli demo
+
+SERVE_ARGS ?=
+
+serve: install model ## Start the whole stack on loopback (public port 50051) and wait; Ctrl-C stops it (SERVE_ARGS="--verifiers 2 ...")
+	$(PY) -m coralline.cli serve $(SERVE_ARGS)
 
 bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline benches, in $(BENCH_OUT)
 	$(PY) -m coralline.cli bench all --out $(BENCH_OUT)

@@ -197,9 +197,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from coralline.eval import demo
+    from coralline import demo
 
-    demo.run(args.prompt, args.max_new_tokens, args.drafter)
+    run = demo.run_in_process if args.in_process else demo.run_stack
+    run(args.prompt, args.max_new_tokens, args.drafter)
     return 0
 
 
@@ -517,10 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-dir", default=None, help="worker logs (default: a temporary folder)")
     sv.set_defaults(fn=_cmd_serve)
 
-    d = sub.add_parser("demo", help="speculation vs plain decoding on SmolLM2, same run")
+    d = sub.add_parser(
+        "demo", help="the stack up, speculation vs plain decoding through it (SmolLM2), stack down"
+    )
     d.add_argument("--prompt", default=None)
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.add_argument("--drafter", default=None, help="default: coral when shipped, else ngram")
+    d.add_argument(
+        "--in-process", action="store_true", help="the engine alone, no servers (the old demo)"
+    )
     d.set_defaults(fn=_cmd_demo)
 
     e = sub.add_parser("exact", help="exact expected acceptance of every verifier (toy models)")

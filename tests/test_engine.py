@@ -183,3 +183,59 @@ def test_cli_json_output_on_smollm2():
     assert len(obj["token_ids"]) == obj["stats"]["tokens"] <= 12
     for key in ("rounds", "acceptance_length", "tokens_per_second", "draft_ms", "verify_ms"):
         assert key in obj["stats"]
+
+
+def _two_turns(target, drafter, params, first, more, eos=None):
+    """(turn-2 prompt, output and summary with the retained cache, output of a fresh runner)."""
+    engine = Engine(target, drafter)
+    out1 = generate_ids(engine, first, params)
+    prompt = first + out1 + more
+    chunks = list(engine.generate(prompt, params, reuse_cache=True))
+    fresh = TargetRunner(target.model, None)
+    fresh.eos_token_ids = target.eos_token_ids
+    want = generate_ids(Engine(fresh, drafter), prompt, params)
+    return first + out1, [t for c in chunks for t in c.token_ids], chunks[-1].summary, want
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("drafted", [False, True])
+def test_a_next_turn_reuses_the_cache_and_keeps_the_output(temperature, drafted):
+    """Turn 2's prompt extends turn 1's prompt + output: only the new tokens are prefilled and
+    the output equals a fresh prefill's (greedy, and sampled with the same seed)."""
+    target = tiny_runner(vocab=16, seed=9, scale=3.0)
+    draft = TargetRunner(perturbed(target.model, 0.3, seed=10), None)
+    drafter = ModelDrafter(draft, ModelDrafterConfig(branching=(2, 2, 1))) if drafted else None
+    params = SamplingParams(temperature=temperature, seed=3, max_new_tokens=15)
+    history, got, summary, want = _two_turns(target, drafter, params, [1, 5, 9, 2], [7, 3, 4])
+    assert got == want and len(got) == 15
+    assert summary.cached_prompt_tokens == len(history) - 1
+    assert summary.prompt_tokens == len(history) + 3
+    # a prompt that shares nothing is prefilled whole, even when reuse is asked for
+    s = list(Engine(target).generate([4, 4, 4], params, reuse_cache=True))[-1].summary
+    assert s.cached_prompt_tokens == 0
+
+
+def test_a_turn_that_ended_at_eos_is_reused_but_the_eos():
+    target = tiny_runner(vocab=16, seed=5, scale=4.0)
+    ids = [2, 4, 6]
+    target.eos_token_ids = frozenset({_hf_greedy(target, ids, 12)[4]})
+    params = SamplingParams(max_new_tokens=50)
+    history, got, summary, want = _two_turns(target, None, params, ids, [1, 8])
+    assert history[-1] in target.eos_token_ids and got == want
+    assert summary.cached_prompt_tokens == len(history) - 1
+
+
+def test_a_second_turn_on_smollm2_reuses_the_cache(smollm2):
+    """A chat turn built on the ids (conversation.next_turn_ids) after a greedy turn: the same
+    output as a fresh prefill, with only the new turn's tokens prefilled."""
+    from coralline.conversation import next_turn_ids
+
+    first = smollm2.encode("Name three colours.")
+    params = SamplingParams(max_new_tokens=12)
+    engine = Engine(smollm2, NgramDrafter())
+    out1 = generate_ids(engine, first, params)
+    prompt = next_turn_ids(smollm2.tokenizer, first + out1, "And two more?", smollm2.eos_token_ids)
+    chunks = list(engine.generate(prompt, params, reuse_cache=True))
+    got, summary = [t for c in chunks for t in c.token_ids], chunks[-1].summary
+    assert summary.cached_prompt_tokens == len(first) + len(out1) - 1
+    assert got == generate_ids(Engine(smollm2.fork(), NgramDrafter()), prompt, params)

@@ -89,3 +89,66 @@ def test_kv_cache_after_many_rounds_with_rejections_on_smollm2(smollm2):
     smollm2.rollback()
     ref = smollm2.full_forward_logits(committed)
     assert torch.allclose(logits, ref, atol=1e-4), (logits - ref).abs().max()
+
+
+def test_the_runner_tracks_the_cached_ids_and_features():
+    r = tiny_runner(vocab=16, seed=2)
+    prompt = [3, 5, 7]
+    feats = r.prefill(prompt)  # [2, d]
+    assert r.ids == [3, 5] and r.reused == 0
+    assert torch.equal(r.cached_features(), feats)
+    tree = TokenTree.from_paths(prompt[-1], [[1, 4], [2, 6, 8]])
+    out = r.tree_forward(tree)
+    r.commit([0, 3, 4])  # root 7 -> 2 -> 6
+    assert r.ids == [3, 5, 7, 2, 6] and r.num_cached == 5
+    assert torch.equal(r.cached_features()[2:], out.features[[0, 3, 4]])
+    r.tree_forward(TokenTree.chain(9, [10]))
+    r.truncate(4)  # drops the uncommitted tree, then the cached tail
+    assert r.ids == [3, 5, 7, 2] and r.cached_features().shape == (4, 32)
+    r.reset()
+    assert r.ids == [] and r.cached_features().shape == (0, 32)
+    assert r.fork().ids == []
+
+
+def test_prefill_with_reuse_forwards_only_the_new_tokens():
+    """The kept prefix plus the forwarded rest: the same features and next-token logits as a
+    fresh prefill (up to rounding), and `reused` says how much was kept."""
+    r, fresh = tiny_runner(vocab=16, seed=6), tiny_runner(vocab=16, seed=6)
+    first = [3, 5, 7, 9, 2]
+    r.prefill(first)
+    r.tree_forward(TokenTree.chain(2, [4, 6]))
+    r.commit([0, 1])  # cached: 3 5 7 9 2 4 (the root 6 is not cached)
+    for prompt, kept in [
+        ([3, 5, 7, 9, 2, 4, 6, 1, 8], 6),  # extends the committed sequence
+        ([3, 5, 7, 9, 2, 4, 6, 1, 8], 8),  # the same prompt again: nothing to forward
+        ([3, 5, 7, 9, 11, 12], 4),  # diverges after 4 tokens: the cache is cropped there
+        ([1, 2, 3], 0),  # nothing in common: a full prefill
+        ([1], 0),
+    ]:
+        feats = r.prefill(prompt, reuse=True)
+        assert r.reused == kept and r.ids == prompt[:-1] and r.num_cached == len(prompt) - 1
+        want = fresh.prefill(prompt)
+        assert feats.shape == want.shape and torch.allclose(feats, want, atol=1e-5)
+        got = r.tree_forward(TokenTree.chain(prompt[-1], [])).logits[0]
+        r.rollback()
+        assert torch.allclose(got, r.full_forward_logits(prompt), atol=1e-5)
+    r.prefill([3, 5, 7, 9], reuse=False)
+    assert r.reused == 0
+
+
+@pytest.mark.gpu
+def test_prefill_with_reuse_on_cuda():
+    """The cached features stay on the device; a reused prefix matches a fresh prefill."""
+    from coralline.target import TargetConfig, TargetRunner
+
+    r = TargetRunner.load(TargetConfig(device="cuda", dtype="bfloat16"))
+    ids = r.encode("Name three colours.")
+    r.prefill(ids)
+    r.tree_forward(TokenTree.chain(ids[-1], [504, 1092]))
+    r.commit([0, 1, 2])
+    prompt = [*ids, 504, 1092, 314, 28]
+    feats = r.prefill(prompt, reuse=True)
+    assert r.reused == len(ids) + 1 and feats.is_cuda and feats.dtype == torch.float32
+    want = r.fork().prefill(prompt)
+    assert feats.shape == want.shape  # equal up to bf16 rounding of different matmul shapes
+    assert torch.nn.functional.cosine_similarity(feats, want, dim=1).min() > 0.99

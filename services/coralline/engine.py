@@ -7,6 +7,9 @@
                 accepted ids + features of the tokens that went through the target -> drafter
     stop on EOS (an EOS inside an accepted path truncates the round), max_new_tokens, a stop
     string, or a full context window.
+Multi-turn: `generate(..., reuse_cache=True)` prefills only what the runner's cache does not
+already hold (the longest common prefix of its cached ids and the prompt is kept); the output is
+the same as with a fresh prefill. The summary reports the kept count (`cached_prompt_tokens`).
 With no drafter every tree is the root alone: plain decoding through the same code, the fair
 baseline. A proposal the drafter marks as a fallback (the remote drafter's stand-in for an
 unusable or late proposal), or one that does not fit the context window, is replaced by the
@@ -76,6 +79,8 @@ class Summary:
     seed: int = 0  # the seed the generation used (drawn fresh when the request gave none)
     prompt_tokens: int = 0
     fallback_rounds: int = 0  # rounds that verified the root alone in place of a proposal
+    cached_prompt_tokens: int = 0  # prompt tokens found in the runner's cache (not forwarded;
+    # prefill_ms covers only the others)
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,15 @@ class Engine:
         self.on_round: Callable[[TokenTree, torch.Tensor, object], None] | None = None
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        reuse_cache: bool = False,
     ) -> Iterator[Chunk]:
-        """Stream chunks of generated tokens; the last chunk carries the summary."""
+        """Stream chunks of generated tokens; the last chunk carries the summary.
+
+        reuse_cache=True keeps what the target runner's cache holds of the prompt (a previous
+        turn: its prompt + output but the last token) and prefills only the rest."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
@@ -123,14 +134,15 @@ class Engine:
         verifier = "greedy" if params.greedy else name
         if params.seed is None:
             params = replace(params, seed=fresh_seed())
-        return self._run(prompt, params, spec, verifier)
+        return self._run(prompt, params, spec, verifier, bool(reuse_cache))
 
-    def _run(self, prompt, params, spec, verifier) -> Iterator[Chunk]:
+    def _run(self, prompt, params, spec, verifier, reuse_cache) -> Iterator[Chunk]:
         target, drafter = self.target, self.drafter
         text = TextStream(target.tokenizer, params.stop) if target.tokenizer is not None else None
         plain = check_pair(None, default_verifier(None, params), params)
         t_start = time.perf_counter()
-        features = target.prefill(prompt)  # [len(prompt) - 1, d]
+        features = target.prefill(prompt, reuse=reuse_cache)  # [len(prompt) - 1, d]
+        cached = target.reused
         prefill_ms = (time.perf_counter() - t_start) * 1e3
         if drafter is not None:
             drafter.reset()
@@ -222,6 +234,7 @@ class Engine:
                 seed=params.seed,
                 prompt_tokens=len(prompt),
                 fallback_rounds=fallbacks if drafter is not None else 0,
+                cached_prompt_tokens=cached,
             )
             yield Chunk(new, delta, stats, summary)
             return

@@ -1,10 +1,19 @@
 """The target model runner: prefill, tree forward, KV commit of the accepted path, reset.
 
 State is one sequence: a KV cache holding the committed tokens EXCEPT the last one (the root of
-the next tree), and `num_cached`, the position pointer. Each round feeds the whole tree, root
+the next tree), `num_cached`, the position pointer, and alongside it the ids of those cached
+tokens (`ids`) and their features (`cached_features()`). Each round feeds the whole tree, root
 included, in one forward with a float additive tree mask and explicit positions
 (num_cached + depth); row i of the output is the target's distribution after node i's path.
-`commit(accepted)` then keeps the KV entries of the accepted path and drops the rest.
+`commit(accepted)` then keeps the KV entries (and the ids and features) of the accepted path
+and drops the rest.
+
+Multi-turn reuse: `prefill(prompt, reuse=True)` keeps the longest common prefix of the cached
+ids and the prompt's cached part and forwards only the rest (`reused` says how many were kept).
+After a generation the cache holds the committed tokens but the last, so a next turn whose
+prompt extends prompt + output forwards only its new tokens. The KV entries and features of the
+kept prefix came from the earlier rounds' forwards, not from one causal prefill: equal up to
+floating-point rounding, as the rounds of one generation already are.
 
 Cache strategy (measured in `coralline bench target`): transformers' DynamicCache, compacted in
 place. The accepted nodes' KV entries are copied down to the positions right after the cached
@@ -133,6 +142,31 @@ class TargetRunner:
 
         self.cache = DynamicCache(config=self.model.config)
         self.num_cached = 0
+        self.ids: list[int] = []  # [num_cached] the cached (committed) token ids
+        self._features: torch.Tensor | None = None  # [capacity, d] model dtype, on the
+        # model's device; rows < num_cached are the cached tokens' features
+        self._fed: tuple[list[int], torch.Tensor] | None = None  # the last tree's tokens [N]
+        # and features [N, d] until commit() or rollback()
+        self.reused = 0  # prompt tokens the last prefill() found in the cache
+
+    def cached_features(self) -> torch.Tensor:  # [num_cached, d] float32 copy
+        """The features of the cached tokens (row j: the target's state at ids[j])."""
+        if self._features is None or not self.num_cached:
+            return torch.empty(0, self.hidden_size, device=self.device)
+        return self._features[: self.num_cached].to(torch.float32, copy=True)
+
+    def _keep_features(self, start: int, feats: torch.Tensor) -> None:
+        """Store feats [m, d] as the features of cached positions start..start + m."""
+        end = start + feats.shape[0]
+        buf = self._features
+        if buf is None or buf.shape[0] < end or buf.dtype != feats.dtype:
+            old = 0 if buf is None else buf.shape[0]
+            cap = max(end, min(max(64, 2 * old), self.max_context))
+            grown = torch.empty(cap, feats.shape[1], dtype=feats.dtype, device=feats.device)
+            if buf is not None and start:
+                grown[:start] = buf[:start]
+            self._features = buf = grown
+        buf[start:end] = feats
 
     @torch.inference_mode()
     def _forward(
@@ -157,10 +191,14 @@ class TargetRunner:
         return out.last_hidden_state[0]
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:  # [len(prompt) - 1, d]
+    def prefill(
+        self, prompt_ids: Sequence[int], reuse: bool = False
+    ) -> torch.Tensor:  # [len(prompt) - 1, d] float32
         """Start a sequence: cache every prompt token but the last (the first tree's root).
 
-        Returns the features of the cached tokens (a drafter's context)."""
+        Returns the features of all the cached tokens (a drafter's context). reuse=False starts
+        from an empty cache; reuse=True keeps the longest common prefix of the cached ids and
+        prompt_ids[:-1] and forwards only the rest. `reused` is set to the kept count."""
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt has no tokens")
@@ -168,13 +206,23 @@ class TargetRunner:
             raise ValueError(
                 f"the prompt has {n} tokens; the model's context window is {self.max_context}"
             )
-        self.reset()
+        ids = [int(t) for t in prompt_ids[:-1]]  # [n - 1] what the cache must hold
+        keep = _common_prefix(self.ids, ids) if reuse else 0
+        if keep:
+            self.truncate(keep)  # drops any uncommitted tree and the cached tail past the prefix
+        else:
+            self.reset()
+        self.reused = keep
         if n == 1:
             return torch.empty(0, self.hidden_size, device=self.device)
-        ids = torch.tensor(list(prompt_ids[:-1]), dtype=torch.int64)
-        feats = self._forward(ids, torch.arange(n - 1), None)
+        if keep == n - 1:  # every prompt token is cached already
+            return self.cached_features()
+        new = torch.tensor(ids[keep:], dtype=torch.int64)  # [n - 1 - keep]
+        feats = self._forward(new, torch.arange(keep, n - 1), None)  # [n - 1 - keep, d]
+        self._keep_features(keep, feats)
+        self.ids.extend(ids[keep:])
         self.num_cached = n - 1
-        return feats.float()
+        return feats.float() if keep == 0 else self.cached_features()
 
     @torch.inference_mode()
     def tree_forward(self, tree: TokenTree) -> TreeOutput:
@@ -189,6 +237,7 @@ class TargetRunner:
             raise RuntimeError("commit() must follow every tree_forward()")
         mask = None if tree.is_chain else tree.attention_mask(p)
         hidden = self._forward(tree.tokens, tree.position_ids(p), mask)  # [N, d]
+        self._fed = ([int(t) for t in tree.tokens.tolist()], hidden)
         with self.lock:
             logits = self.model.lm_head(hidden).float()
         return TreeOutput(logits.cpu(), hidden.float())
@@ -201,6 +250,12 @@ class TargetRunner:
         acc = [int(a) for a in accepted]
         if not acc or acc[0] != 0 or any(not 0 <= a < fed for a in acc):
             raise ValueError(f"accepted must start at the root and index the {fed} fed nodes")
+        if self._fed is None or len(self._fed[0]) != fed:
+            raise RuntimeError("commit() must follow the tree_forward() of the fed nodes")
+        fed_ids, fed_features = self._fed  # [fed], [fed, d]
+        self._fed = None
+        self.ids.extend(fed_ids[a] for a in acc)
+        self._keep_features(p, fed_features[acc])
         moves = [(p + j, p + a) for j, a in enumerate(acc) if a != j]
         if moves:
             dst = torch.tensor([d for d, _ in moves], device=self.device)
@@ -221,12 +276,14 @@ class TargetRunner:
         if num_cached < self.num_cached:
             self.cache.crop(num_cached - self.num_cached)
             self.num_cached = num_cached
+            del self.ids[num_cached:]  # feature rows past num_cached are simply unused
 
     def rollback(self) -> None:
         """Drop every node fed since the last commit (a drafter's scratch tree)."""
         fed = self.cache.get_seq_length() - self.num_cached
         if fed:
             self.cache.crop(-fed)
+        self._fed = None
 
     def forward_costs(
         self,
@@ -269,3 +326,12 @@ class TargetRunner:
         """Next-token logits after `ids` by a fresh causal forward (tests and debugging)."""
         ids_t = torch.tensor(list(ids), dtype=torch.int64, device=self.device)[None]
         return self.model(input_ids=ids_t).logits[0, -1].float().cpu()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

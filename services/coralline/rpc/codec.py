@@ -10,6 +10,7 @@ Knows nothing about servers or sessions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -200,4 +201,31 @@ def summary_to_pb(
     msg.prompt_tokens = s.prompt_tokens
     msg.fallback_rounds = s.fallback_rounds
     msg.drafter_reconnects = reconnects
+    msg.cached_prompt_tokens = s.cached_prompt_tokens
     return msg
+
+
+_FINISH_NAME = {v: k for k, v in FINISH.items()}
+
+
+def summary_from_pb(msg: common_pb2.Summary) -> Summary:
+    """The engine's Summary of a wire Summary (what a router records; reconnects and failovers
+    are wire-only counters)."""
+    values = {
+        "tokens": msg.tokens,
+        "rounds": msg.rounds,
+        "acceptance_length": msg.acceptance_length,
+        "tokens_per_second": msg.tokens_per_second,
+        "prefill_ms": msg.prefill_ns / 1e6,
+        "draft_ms": msg.draft_ns / 1e6,
+        "verify_ms": msg.verify_ns / 1e6,
+        "finish_reason": _FINISH_NAME.get(msg.finish_reason, "length"),
+        "verifier": msg.verifier,
+        "drafter": msg.drafter,
+        "seed": msg.seed,
+        "prompt_tokens": msg.prompt_tokens,
+        "fallback_rounds": msg.fallback_rounds,
+        "cached_prompt_tokens": msg.cached_prompt_tokens,
+    }
+    known = {f.name for f in dataclasses.fields(Summary)}
+    return Summary(**{k: v for k, v in values.items() if k in known})

@@ -11,6 +11,13 @@ passes are serialised by the runner's lock: one round at a time here (batching a
 sessions comes with the scheduler). Cancellation (Cancel / CancelSession, or a client that
 goes away) stops the session between rounds and frees its cache and its drafter session.
 
+Retained sessions (VerifyRequest.retain): a session that FINISHES keeps its runner, idle, in a
+least-recently-used map bounded by `retain_sessions` caches and `retain_tokens` tokens; past
+either bound the least recent is reset and `on_evict(session_id)` is called. A later request
+with that session_id takes the runner back and prefills only what its cache does not hold (a
+conversation's next turn: prompt + output + new tokens). A cancelled or failed session is never
+retained; idle caches do not count against max_sessions.
+
 Knows nothing about the algorithms: it validates, adapts messages and calls the engine.
 """
 
@@ -21,6 +28,8 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -60,6 +69,8 @@ class VerifierServiceConfig:
     open_timeout_s: float = 10.0
     max_reconnects: int = 2
     history: int = 1024  # finished sessions kept for GetSession
+    retain_sessions: int = 8  # idle KV caches kept for sessions that asked (0 = none)
+    retain_tokens: int = 8192  # tokens across those idle caches (SmolLM2: ~46 KB each in fp32)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -69,6 +80,8 @@ class VerifierServiceConfig:
             raise ValueError("a default drafter needs a drafter endpoint")
         if self.max_sessions < 1 or self.max_tree_nodes < 1:
             raise ValueError("max_sessions and max_tree_nodes must be >= 1")
+        if self.retain_sessions < 0 or self.retain_tokens < 0:
+            raise ValueError("retain_sessions and retain_tokens must be >= 0")
 
     @property
     def drafter(self) -> str:
@@ -85,6 +98,8 @@ class _Live:
     runner: object
     gen: object
     remote: RemoteDrafter | None
+    retain: bool = False  # keep the runner idle (its KV cache) when the session finishes
+    turn: int = 1  # requests served from this session's cache (1 = a fresh cache)
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: threading.Event = field(default_factory=threading.Event)
     closed: bool = False
@@ -103,7 +118,13 @@ class Step:
 class VerifierCore:
     """Sessions over one target; shared by the two servicers."""
 
-    def __init__(self, config: VerifierServiceConfig) -> None:
+    def __init__(
+        self,
+        config: VerifierServiceConfig,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        """on_evict(session_id) is called (in a worker thread) when a retained cache is
+        dropped; its exceptions are logged."""
         from coralline.target import TargetConfig, TargetRunner
 
         self.config = config
@@ -116,6 +137,56 @@ class VerifierCore:
         self._pool = ThreadPoolExecutor(config.max_sessions + 1, thread_name_prefix="verify")
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
+        self.on_evict = on_evict
+        # idle retained caches, least recently used first: session_id -> (runner, turns)
+        self._idle: OrderedDict[str, tuple[TargetRunner, int]] = OrderedDict()
+        self._idle_lock = threading.Lock()  # runs end in pool threads and on the event loop
+
+    # ------------------------------------------------------------------ retained caches
+    @property
+    def retained(self) -> list[str]:
+        """Idle sessions whose KV cache is kept, least recently used first."""
+        with self._idle_lock:
+            return list(self._idle)
+
+    @property
+    def retained_tokens(self) -> int:
+        with self._idle_lock:
+            return sum(r.num_cached for r, _ in self._idle.values())
+
+    def _retain(self, session_id: str, runner, turns: int) -> None:
+        with self._idle_lock:
+            self._idle[session_id] = (runner, turns)
+            self._idle.move_to_end(session_id)
+        self._enforce_retain_bounds()
+
+    def _take(self, session_id: str):
+        """(runner, turns so far) of the session's retained cache (no longer idle), or None."""
+        with self._idle_lock:
+            return self._idle.pop(session_id, None)
+
+    def _enforce_retain_bounds(self) -> None:
+        """Evict the least recently used idle caches beyond retain_sessions / retain_tokens."""
+        cfg, evicted = self.config, []
+        with self._idle_lock:
+            tokens = sum(r.num_cached for r, _ in self._idle.values())
+            while self._idle and (
+                len(self._idle) > cfg.retain_sessions or tokens > cfg.retain_tokens
+            ):
+                sid, (runner, _) = self._idle.popitem(last=False)
+                tokens -= runner.num_cached
+                runner.reset()
+                evicted.append(sid)
+        for sid in evicted:
+            log.info("session %s: retained KV cache evicted", sid)
+            if self.on_evict is not None:
+                self._pool.submit(self._notify_evicted, sid)
+
+    def _notify_evicted(self, session_id: str) -> None:
+        try:
+            self.on_evict(session_id)
+        except Exception:
+            log.exception("on_evict(%r) failed", session_id)
 
     # ------------------------------------------------------------------ sessions
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
@@ -133,6 +204,7 @@ class VerifierCore:
         drafter: str,
         endpoint: str,
         verifier: str,
+        retain: bool = False,
     ) -> _Live:
         cfg, target = self.config, self.target
         if self.draining:
@@ -163,6 +235,39 @@ class VerifierCore:
             raise ServiceError(
                 grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} is already running"
             )
+        retained = self._take(session_id)  # (runner, turns) of its retained cache, or None
+        self._enforce_retain_bounds()  # the other idle caches (a no-op unless bounds changed)
+        try:
+            runner, turn = (retained[0], retained[1] + 1) if retained else (target.fork(), 1)
+            remote = self._remote(name, endpoint, session_id, turn)
+            engine = Engine(runner, remote, EngineConfig(verifier=verifier or None))
+            # validates the pair before anything runs; reuse keeps the cache's common prefix
+            gen = engine.generate(prompt, params, reuse_cache=retained is not None)
+        except Exception:
+            if retained is not None:  # nothing ran: the cache is still good
+                self._retain(session_id, *retained)
+            raise
+        record = SessionRecord(session_id, len(prompt), name)
+        self.store.create(record)
+        live = _Live(record, runner, gen, remote, retain, turn)
+        self.live[session_id] = live
+        log.info(
+            "session %s start (turn %d): prompt %d tokens, %d in a retained cache, drafter %s, "
+            "T=%g",
+            session_id,
+            turn,
+            len(prompt),
+            runner.num_cached,
+            name,
+            params.temperature,
+        )
+        return live
+
+    def _remote(self, name: str, endpoint: str, session_id: str, turn: int) -> RemoteDrafter | None:
+        """The session's drafter link (None for plain decoding). A retained session's later
+        turns open the drafter session "<id>#<turn>": the previous turn's Close may still be
+        on its way when the next turn opens."""
+        cfg = self.config
         remote = None
         if name != "none":
             remote = RemoteDrafter(
@@ -175,25 +280,11 @@ class VerifierCore:
                     max_reconnects=cfg.max_reconnects,
                     max_nodes=cfg.max_tree_nodes,
                 ),
-                session_id=session_id,
+                session_id=session_id if turn == 1 else f"{session_id}#{turn}",
                 target_fingerprint=self.fingerprint,
-                vocab_size=target.vocab_size,
+                vocab_size=self.target.vocab_size,
             )
-        runner = target.fork()
-        engine = Engine(runner, remote, EngineConfig(verifier=verifier or None))
-        gen = engine.generate(prompt, params)  # validates the pair before anything runs
-        record = SessionRecord(session_id, len(prompt), name)
-        self.store.create(record)
-        live = _Live(record, runner, gen, remote)
-        self.live[session_id] = live
-        log.info(
-            "session %s start: prompt %d tokens, drafter %s, T=%g",
-            session_id,
-            len(prompt),
-            name,
-            params.temperature,
-        )
-        return live
+        return remote
 
     @staticmethod
     def _next(live: _Live) -> Chunk | None:
@@ -206,19 +297,31 @@ class VerifierCore:
                 return None
 
     def _free(self, live: _Live, state: str, error: str = "") -> None:
-        """Frees the session's cache and drafter session (in a pool thread, after its round)."""
+        """Frees the session's cache (or keeps it idle: a retained session that finished) and
+        its drafter session. In a pool thread after its round, or directly once the engine has
+        ended (then no round holds the lock)."""
+        keep = live.retain and state == FINISHED
         with live.lock:
             if live.closed:
                 return
             live.closed = True
             live.gen.close()
-            live.runner.reset()
+            if not keep:
+                live.runner.reset()
             if live.remote is not None:
                 live.remote.close(state)
         sid = live.record.session_id
         self.store.finish(sid, state, live.record.summary, error)
         self.live.pop(sid, None)
-        log.info("session %s %s: %d tokens", sid, state, len(live.record.token_ids))
+        if keep:
+            self._retain(sid, live.runner, live.turn)
+        log.info(
+            "session %s %s: %d tokens%s",
+            sid,
+            state,
+            len(live.record.token_ids),
+            f", {live.runner.num_cached} cached tokens retained" if keep else "",
+        )
 
     async def run(
         self,
@@ -228,11 +331,15 @@ class VerifierCore:
         drafter: str = "",
         endpoint: str = "",
         verifier: str = "",
+        retain: bool = False,
     ):
         """Async iterator of Steps, one per round; raises ServiceError(CANCELLED) when the
-        session is cancelled. The session is freed however the iteration ends."""
+        session is cancelled. The session is freed however the iteration ends; retain=True
+        keeps its KV cache idle when it finishes (a next turn with this session_id reuses it).
+        A finished session is freed before its last Step is yielded, so a next turn may
+        follow at once."""
         loop = asyncio.get_running_loop()
-        live = self._start(session_id, prompt, params, drafter, endpoint, verifier)
+        live = self._start(session_id, prompt, params, drafter, endpoint, verifier, retain)
         sid = live.record.session_id
         state, error = CANCELLED, ""
         try:
@@ -242,6 +349,7 @@ class VerifierCore:
                 chunk = await loop.run_in_executor(self._pool, self._next, live)
                 if chunk is None:
                     state = FINISHED
+                    self._free(live, state)  # the engine has ended: no round holds the lock
                     return
                 self.store.append(sid, chunk.token_ids, chunk.text)
                 wire = live.remote.wire if live.remote is not None else WireStats()
@@ -253,6 +361,7 @@ class VerifierCore:
                     live.record.summary = chunk.summary
                     summary = codec.summary_to_pb(chunk.summary, reconnects=wire.reconnects)
                     state = FINISHED
+                    self._free(live, state)  # the engine has ended: no round holds the lock
                 yield Step(sid, chunk, stats, summary)
                 if summary is not None:
                     return
@@ -266,7 +375,8 @@ class VerifierCore:
         finally:
             if live.record.summary is not None:
                 state = FINISHED
-            self._pool.submit(self._free, live, state, error)
+            if not live.closed:
+                self._pool.submit(self._free, live, state, error)
 
     def cancel(self, session_id: str) -> bool:
         live = self.live.get(session_id)
@@ -321,6 +431,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             request.drafter,
             request.drafter_endpoint,
             request.verifier,
+            request.retain,
         ):
             yield _response(verifier_pb2.VerifyChunk, step)
 
@@ -341,6 +452,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             vocab_size=core.target.vocab_size,
             version=coralline.__version__,
             session_ids=list(core.live),
+            retained_session_ids=core.retained,
+            retained_tokens=core.retained_tokens,
         )
 
 
@@ -402,8 +515,10 @@ SERVICE_NAMES = [
 ]
 
 
-async def start_verifier(config: VerifierServiceConfig) -> tuple[Server, VerifierCore]:
-    core = VerifierCore(config)
+async def start_verifier(
+    config: VerifierServiceConfig, on_evict: Callable[[str], None] | None = None
+) -> tuple[Server, VerifierCore]:
+    core = VerifierCore(config, on_evict)
     server = Server(config.server, SERVICE_NAMES)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(core), server.server)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)

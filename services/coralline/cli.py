@@ -165,6 +165,9 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_tree_nodes=args.max_tree_nodes,
         round_timeout_s=args.round_timeout,
+        retain_sessions=args.retain_sessions,
+        retain_tokens=args.retain_tokens,
+        sessions_url=args.sessions,
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
@@ -267,6 +270,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             delay_ms=args.delay_ms,
             drafter=args.drafter,
             temperature=args.temperature,
+            model=args.model,
+            checkpoint=args.draft_checkpoint,
+            command="coralline " + " ".join(sys.argv[1:]),
+        )
+    elif args.what == "router":
+        from coralline.bench import router as router_bench
+
+        router_bench.main(
+            args.out or "bench/out/router.json",
+            quick=args.quick,
+            prompts=args.prompts,
+            max_new_tokens=args.max_new_tokens,
+            clients=args.clients,
+            cancel_trials=args.cancel_trials,
             model=args.model,
             checkpoint=args.draft_checkpoint,
             command="coralline " + " ".join(sys.argv[1:]),
@@ -482,6 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("--drafter", default=None, help="default drafter name (default: coral)")
     vr.add_argument("--max-tree-nodes", type=int, default=256)
     vr.add_argument("--round-timeout", type=float, default=2.0, help="seconds per proposal")
+    vr.add_argument(
+        "--retain-sessions", type=int, default=8, help="idle KV caches kept for next turns"
+    )
+    vr.add_argument("--retain-tokens", type=int, default=8192, help="tokens across those caches")
+    vr.add_argument(
+        "--sessions",
+        default=None,
+        metavar="URL",
+        help="redis://... the routers' session store: an evicted KV cache is cleared from its "
+        "session record there",
+    )
     vr.set_defaults(fn=_cmd_verifier)
 
     sv = sub.add_parser(
@@ -539,13 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and T = 1 on the same prompts -> OUT/bench.json, bench.md and PNG plots. verifiers / "
         "engine / coral: focused benchmarks -> a JSON file at --out. pipeline: drafter + "
         "verifier processes on loopback (also with --delay-ms on the drafter link) vs the "
-        "in-process engine.",
+        "in-process engine. router: the router's overhead per token, first chunk, concurrent "
+        "clients and cancellation, front vs Serve's gRPC proxy (Ray on loopback).",
     )
     b.add_argument(
         "what",
         nargs="?",
         default="all",
-        choices=["all", "verifiers", "engine", "coral", "pipeline"],
+        choices=["all", "verifiers", "engine", "coral", "pipeline", "router"],
     )
     b.add_argument("--out", default=None, help="all: a folder (bench/out); others: a JSON file")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (what CI runs)")
@@ -559,11 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="coral: only the 60-node tau, head alone and with lookup, on N held-out prompts",
     )
-    b.add_argument("--model", default=None, help="all, pipeline: the target (default SmolLM2-135M)")
+    b.add_argument(
+        "--model", default=None, help="all, pipeline, router: the target (default SmolLM2-135M)"
+    )
     b.add_argument(
         "--draft-checkpoint",
         default=None,
-        help="all, coral, pipeline: a CORAL head (default: shipped)",
+        help="all, coral, pipeline, router: a CORAL head (default: shipped)",
     )
     b.add_argument("--assistant", default=None, help="all: HF assisted generation's draft model")
     b.add_argument("--prompts-per-set", type=int, default=None, help="all: default 3 (quick 1)")
@@ -571,9 +602,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="all: default 96 (quick 24); pipeline: default 64 (quick 24)",
+        help="all: default 96 (quick 24); pipeline, router: default 64 (quick 24)",
     )
-    b.add_argument("--prompts", type=int, default=None, help="pipeline: default 6 (quick 2)")
+    b.add_argument(
+        "--prompts", type=int, default=None, help="pipeline, router: default 6 (quick 2)"
+    )
+    b.add_argument(
+        "--clients",
+        type=int,
+        nargs="+",
+        default=None,
+        help="router: concurrency levels through the front (default 1 2 4 8; quick 1 2)",
+    )
+    b.add_argument(
+        "--cancel-trials",
+        type=int,
+        default=None,
+        help="router: cancellation trials per ingress and way of cancelling (default 6; quick 2)",
+    )
     b.add_argument(
         "--delay-ms",
         type=float,

@@ -175,3 +175,37 @@ def test_a_refused_request_keeps_the_retained_cache(verifier):
     assert list(verifier.info().retained_session_ids) == ["keep"]
     _, s = verifier.generate(PROMPT + out + NEW, "keep", retain=True)
     assert s.cached_prompt_tokens == len(PROMPT) + len(out) - 1
+
+
+def test_the_verifiers_own_generation_api_continues_a_conversation(verifier, tiny_stack):
+    """Generation.Generate with continue_session (the one-verifier deployment): the next turn
+    appends its ids to prompt + output, prefills only them, and equals a fresh request."""
+    from coralline.rpc.protos import generation_pb2, generation_pb2_grpc
+
+    gen = generation_pb2_grpc.GenerationStub(verifier.channel)
+
+    def run(ids, session_id="", cont=False):
+        req = generation_pb2.GenerateRequest(
+            session_id=session_id, max_new_tokens=8, continue_session=cont
+        )
+        req.token_ids.ids.extend(ids)
+        out, summary = [], None
+        for r in gen.Generate(req, timeout=60):
+            out.extend(r.token_ids)
+            summary = r.summary if r.HasField("summary") else summary
+        return out, summary
+
+    out1, _ = run(PROMPT, "conv")
+    out2, s2 = run(NEW, "conv", cont=True)
+    assert s2.cached_prompt_tokens == len(PROMPT) + len(out1) - 1
+    history = PROMPT + out1 + NEW
+    fresh, s3 = run(history)
+    assert out2 == fresh and s3.cached_prompt_tokens == 0
+    rec = gen.GetSession(generation_pb2.GetSessionRequest(session_id="conv"), timeout=5)
+    assert rec.turns == 2 and rec.prompt_tokens == len(history)
+    with pytest.raises(grpc.RpcError) as e:
+        run(NEW, "no-such-conv", cont=True)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        run(NEW, "", cont=True)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

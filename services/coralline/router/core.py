@@ -101,35 +101,6 @@ def make_discovery(config: RouterConfig):
     return RedisRegistry(config.redis)
 
 
-_STATE = {
-    RUNNING: generation_pb2.SESSION_STATE_RUNNING,
-    FINISHED: generation_pb2.SESSION_STATE_FINISHED,
-    CANCELLED: generation_pb2.SESSION_STATE_CANCELLED,
-    FAILED: generation_pb2.SESSION_STATE_FAILED,
-}
-
-
-def session_to_pb(rec: SessionRecord) -> generation_pb2.Session:
-    out = generation_pb2.Session(
-        session_id=rec.session_id,
-        state=_STATE[rec.state],
-        prompt_tokens=rec.prompt_tokens,
-        token_ids=rec.token_ids,
-        text=rec.text,
-        drafter=rec.drafter,
-        verifier=rec.summary.verifier if rec.summary is not None else rec.verifier,
-        created_unix_ns=rec.created_unix_ns,
-        error=rec.error,
-        turns=rec.turns,
-        placement=rec.placement,
-        failovers=rec.failovers,
-        updated_unix_ns=rec.updated_unix_ns,
-    )
-    if rec.summary is not None:
-        codec.summary_to_pb(rec.summary, out.summary)
-    return out
-
-
 @dataclass
 class _Turn:
     """One request's state while it streams (the store's copy is written through)."""
@@ -482,7 +453,7 @@ class RouterCore:
         rec = await self._store(self.store.get, session_id)
         if rec is None:
             raise not_found(f"unknown session {session_id!r} (never made, or expired)")
-        return session_to_pb(rec)
+        return codec.session_to_pb(rec)
 
     async def cancel_session(self, session_id: str) -> bool:
         try:

@@ -88,6 +88,11 @@ class Stack:
         cfg = self.config
         return ["--model", cfg.model, "--device", cfg.device]
 
+    def _verifier_args(self) -> list[str]:
+        cfg = self.config
+        args = [*self._worker_args(), "--no-drafter", "--max-sessions", str(cfg.max_sessions)]
+        return args + (["--sessions", cfg.redis] if cfg.redis else [])
+
     def start_workers(self, timeout_s: float = 180.0) -> None:
         """Start every worker process at once (from this thread), then wait for all."""
         cfg = self.config
@@ -97,19 +102,9 @@ class Stack:
                 ServerProcess("drafter", [*self._worker_args(), *extra], self.log_dir)
             )
         for _ in range(cfg.verifiers):
-            args = [*self._worker_args(), "--no-drafter", "--max-sessions", str(cfg.max_sessions)]
-            self.verifiers.append(ServerProcess("verifier", args, self.log_dir))
+            self.verifiers.append(ServerProcess("verifier", self._verifier_args(), self.log_dir))
         for p in [*self.drafters, *self.verifiers]:
             p.wait_ready(timeout_s)
-
-    def add_verifier(self, timeout_s: float = 180.0) -> ServerProcess:
-        """One more verifier (tests; discovery is static, so only for a restarted router)."""
-        cfg = self.config
-        args = [*self._worker_args(), "--no-drafter", "--max-sessions", str(cfg.max_sessions)]
-        p = ServerProcess("verifier", args, self.log_dir)
-        p.wait_ready(timeout_s)
-        self.verifiers.append(p)
-        return p
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(

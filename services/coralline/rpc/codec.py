@@ -10,7 +10,6 @@ Knows nothing about servers or sessions.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -19,8 +18,9 @@ import torch
 from coralline.draft.base import DraftProposal
 from coralline.engine import RoundStats, Summary
 from coralline.rows import SparseRows
-from coralline.rpc.protos import common_pb2
+from coralline.rpc.protos import common_pb2, generation_pb2
 from coralline.sampling import SamplingParams
+from coralline.session import CANCELLED, FAILED, FINISHED, RUNNING, SessionRecord
 from coralline.tree import TokenTree
 
 DEFAULT_MAX_NEW_TOKENS = 256  # a chat-sized answer when the request sets no limit
@@ -227,5 +227,35 @@ def summary_from_pb(msg: common_pb2.Summary) -> Summary:
         "fallback_rounds": msg.fallback_rounds,
         "cached_prompt_tokens": msg.cached_prompt_tokens,
     }
-    known = {f.name for f in dataclasses.fields(Summary)}
-    return Summary(**{k: v for k, v in values.items() if k in known})
+    return Summary(**values)
+
+
+# ---------------------------------------------------------------------- sessions
+_STATE = {
+    RUNNING: generation_pb2.SESSION_STATE_RUNNING,
+    FINISHED: generation_pb2.SESSION_STATE_FINISHED,
+    CANCELLED: generation_pb2.SESSION_STATE_CANCELLED,
+    FAILED: generation_pb2.SESSION_STATE_FAILED,
+}
+
+
+def session_to_pb(rec: SessionRecord) -> generation_pb2.Session:
+    out = generation_pb2.Session(
+        session_id=rec.session_id,
+        state=_STATE[rec.state],
+        prompt_tokens=rec.prompt_tokens,
+        token_ids=rec.token_ids,
+        text=rec.text,
+        drafter=rec.drafter,
+        verifier=rec.summary.verifier if rec.summary is not None else rec.verifier,
+        created_unix_ns=rec.created_unix_ns,
+        error=rec.error,
+        turns=rec.turns,
+        placement=rec.placement,
+        failovers=rec.failovers,
+        updated_unix_ns=rec.updated_unix_ns,
+    )
+    if rec.summary is not None:
+        summary_to_pb(rec.summary, out.summary)
+        out.summary.failovers = rec.failovers
+    return out

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import grpc
 
 import coralline
+from coralline.conversation import next_turn_ids
 from coralline.draft.registry import DRAFTERS
 from coralline.engine import Chunk, Engine, EngineConfig
 from coralline.router.placement import VERIFIER
@@ -51,7 +52,14 @@ from coralline.rpc.protos import (
 from coralline.rpc.remote_drafter import RemoteDrafter, RemoteDrafterConfig, WireStats
 from coralline.rpc.server import Server, ServerOptions, channel_options
 from coralline.sampling import SamplingParams
-from coralline.session import CANCELLED, FAILED, FINISHED, MemorySessionStore, SessionRecord
+from coralline.session import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    MemorySessionStore,
+    SessionRecord,
+)
 
 log = logging.getLogger("coralline.verifier")
 
@@ -71,6 +79,8 @@ class VerifierServiceConfig:
     history: int = 1024  # finished sessions kept for GetSession
     retain_sessions: int = 8  # idle KV caches kept for sessions that asked (0 = none)
     retain_tokens: int = 8192  # tokens across those idle caches (SmolLM2: ~46 KB each in fp32)
+    sessions_url: str | None = None  # redis://... : the routers' session store; an evicted
+    # cache clears its session's KV holder there (when it still names this verifier)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -247,7 +257,7 @@ class VerifierCore:
             if retained is not None:  # nothing ran: the cache is still good
                 self._retain(session_id, *retained)
             raise
-        record = SessionRecord(session_id, len(prompt), name)
+        record = SessionRecord(session_id, len(prompt), name, prompt_ids=list(prompt), turns=turn)
         self.store.create(record)
         live = _Live(record, runner, gen, remote, retain, turn)
         self.live[session_id] = live
@@ -457,32 +467,48 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         )
 
 
-_STATE = {
-    "running": generation_pb2.SESSION_STATE_RUNNING,
-    FINISHED: generation_pb2.SESSION_STATE_FINISHED,
-    CANCELLED: generation_pb2.SESSION_STATE_CANCELLED,
-    FAILED: generation_pb2.SESSION_STATE_FAILED,
-}
-
-
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """The public API, served by the verifier process itself."""
 
     def __init__(self, core: VerifierCore) -> None:
         self.core = core
 
+    def _history(self, request) -> list[int] | None:
+        """The conversation so far (prompt + output ids) for continue_session, else None."""
+        if not request.continue_session:
+            return None
+        sid = request.session_id
+        if not sid:
+            raise ValueError("continue_session needs the session_id of the conversation")
+        old = self.core.store.get(sid)
+        if old is None:
+            raise not_found(f"unknown session {sid!r}")
+        if old.state == RUNNING:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is still running"
+            )
+        return list(old.prompt_ids) + list(old.token_ids)
+
     async def Generate(self, request, context):
+        history = self._history(request)
         kind = request.WhichOneof("prompt")
         if kind == "text":
             chat = request.chat_template if request.HasField("chat_template") else True
-            prompt = self.core.encode(request.text, chat)
+            if history is None:
+                prompt = self.core.encode(request.text, chat)
+            else:
+                target = self.core.target
+                prompt = next_turn_ids(
+                    target.tokenizer, history, request.text, target.eos_token_ids, chat
+                )
         elif kind == "token_ids":
-            prompt = [int(t) for t in request.token_ids.ids]
+            prompt = (history or []) + [int(t) for t in request.token_ids.ids]
         else:
             raise ValueError("the request has no prompt: set text or token_ids")
         params = _params(request)
+        # this service's own sessions keep their KV cache (bounded LRU) for a next turn
         async for step in self.core.run(
-            request.session_id, prompt, params, request.drafter, "", request.verifier
+            request.session_id, prompt, params, request.drafter, "", request.verifier, retain=True
         ):
             yield _response(generation_pb2.GenerateResponse, step)
 
@@ -490,20 +516,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         rec = self.core.store.get(request.session_id)
         if rec is None:
             raise not_found(f"unknown session {request.session_id!r}")
-        out = generation_pb2.Session(
-            session_id=rec.session_id,
-            state=_STATE[rec.state],
-            prompt_tokens=rec.prompt_tokens,
-            token_ids=rec.token_ids,
-            text=rec.text,
-            drafter=rec.drafter,
-            verifier=rec.summary.verifier if rec.summary is not None else "",
-            created_unix_ns=rec.created_unix_ns,
-            error=rec.error,
-        )
-        if rec.summary is not None:
-            codec.summary_to_pb(rec.summary, out.summary)
-        return out
+        return codec.session_to_pb(rec)
 
     async def CancelSession(self, request, context):
         return generation_pb2.CancelSessionResponse(cancelled=self.core.cancel(request.session_id))
@@ -515,11 +528,23 @@ SERVICE_NAMES = [
 ]
 
 
+def _release_holder(url: str, address) -> Callable[[str], None]:
+    """on_evict for a verifier behind routers: the session record stops naming it as the
+    holder of the session's KV cache (compare-and-set: a newer holder is left alone)."""
+    from coralline.session_redis import RedisSessionStore
+
+    store = RedisSessionStore(url)
+    return lambda session_id: store.release_holder(session_id, address())
+
+
 async def start_verifier(
     config: VerifierServiceConfig, on_evict: Callable[[str], None] | None = None
 ) -> tuple[Server, VerifierCore]:
-    core = VerifierCore(config, on_evict)
     server = Server(config.server, SERVICE_NAMES)
+    if on_evict is None and config.sessions_url:
+        advertised = config.server.advertise
+        on_evict = _release_holder(config.sessions_url, lambda: advertised or server.address)
+    core = VerifierCore(config, on_evict)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(core), server.server)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.start()

@@ -282,6 +282,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             quick=args.quick,
             prompts=args.prompts,
             max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
             clients=args.clients,
             cancel_trials=args.cancel_trials,
             model=args.model,
@@ -613,6 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="router: concurrency levels through the front (default 1 2 4 8; quick 1 2)",
+    )
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="router: runs per prompt and path in the overhead step (default 2; quick 1)",
     )
     b.add_argument(
         "--cancel-trials",

@@ -22,6 +22,21 @@ from collections.abc import Iterable
 SENTINEL = "<<coralline:assistant-turn>>"  # a text no template adds or changes
 
 
+def prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
+    """Token ids of a first user turn: the tokenizer's chat template (with the generation
+    prompt) when chat=True and it has one, else the bare text."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the prompt is empty")
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    return _ids(tokenizer(text))
+
+
 def next_turn_ids(
     tokenizer,
     history_ids: list[int],

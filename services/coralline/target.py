@@ -122,19 +122,13 @@ class TargetRunner:
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of a prompt; chat=True applies the model's chat template (user turn)."""
+        from coralline.conversation import prompt_ids
+
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
         if self.tokenizer is None:
             raise ValueError("this model folder has no tokenizer: pass token ids instead")
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = self.tokenizer(prompt)["input_ids"]
-        return [int(t) for t in ids]
+        return prompt_ids(self.tokenizer, prompt, chat)
 
     # ------------------------------------------------------------------ sequence state
     def reset(self) -> None:

@@ -140,7 +140,6 @@ class RouterCore:
             max_message_bytes=config.max_message_bytes,
         )
         self.tokenizer = models.load_tokenizer(config.model)
-        self._turn_ids_cache = None
 
     # ------------------------------------------------------------------ the store, off-loop
     async def _store(self, fn, *args, **kwargs):
@@ -151,26 +150,14 @@ class RouterCore:
 
     # ------------------------------------------------------------------ requests
     def _prompt(self, request, history: list[int] | None) -> list[int]:
-        from coralline.conversation import next_turn_ids
+        from coralline.conversation import next_turn_ids, prompt_ids
 
         kind = request.WhichOneof("prompt")
         if kind == "text":
             chat = request.chat_template if request.HasField("chat_template") else True
             if history is not None:
-                return next_turn_ids(self.tokenizer, history, request.text, self._eos(), chat=chat)
-            if not request.text.strip():
-                raise ValueError("the prompt is empty")
-            if chat and getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": request.text}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                )
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                    ids = ids["input_ids"]
-            else:
-                ids = self.tokenizer(request.text)["input_ids"]
-            return [int(t) for t in ids]
+                return next_turn_ids(self.tokenizer, history, request.text, self._eos(), chat)
+            return prompt_ids(self.tokenizer, request.text, chat)
         if kind == "token_ids":
             ids = [int(t) for t in request.token_ids.ids]
             if not ids:

@@ -243,11 +243,12 @@ def run(config: StackConfig, ready=print) -> int:
     try:
         for line in stack.describe():
             ready(line)
+        reported: set[int] = set()
         while not stop.wait(0.5):
-            dead = [p for p in [*stack.verifiers, *stack.drafters] if not p.alive()]
-            if dead and not getattr(stack, "_warned", False):
-                log.warning("worker(s) ended: %s", ", ".join(f"{p.kind} {p.pid}" for p in dead))
-                stack._warned = True
+            for p in [*stack.verifiers, *stack.drafters]:
+                if not p.alive() and p.pid not in reported:
+                    reported.add(p.pid)
+                    log.warning("%s %s (pid %d) ended", p.kind, p.address, p.pid)
     finally:
         stack.stop()
     return 0

@@ -164,3 +164,35 @@ def test_no_verifier_up_is_unavailable(tmp_path):
             await core.close()
 
     asyncio.run(main())
+
+
+def test_registry_discovery_and_eviction_updates_the_record(redis_url, tmp_path):
+    """A verifier found only through its Redis heartbeat (no static list); with one idle cache
+    allowed, a second finished session evicts the first, whose record then names no holder."""
+    from coralline.session_redis import RedisSessionStore
+
+    args = ["--no-drafter", "--registry", redis_url, "--sessions", redis_url]
+    p = ServerProcess("verifier", [*args, "--retain-sessions", "1"], tmp_path)
+    try:
+        address = p.wait_ready(180)
+        config = RouterConfig(redis=redis_url, default_drafter="none")  # discovery: Redis
+
+        async def main() -> None:
+            core = RouterCore(config)
+            try:
+                first = await _collect(core, _request("Say one.", n=4))
+                sid = first[0].session_id
+                store = RedisSessionStore(redis_url)
+                assert store.get(sid).holder == address  # placed through the registry
+                await _collect(core, _request("Say two.", n=4))  # evicts the first cache
+                deadline = time.monotonic() + 5
+                while store.get(sid).holder and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                rec = store.get(sid)
+                assert rec.holder == "" and rec.cached_tokens == 0
+            finally:
+                await core.close()
+
+        asyncio.run(main())
+    finally:
+        p.stop()

@@ -110,6 +110,20 @@ def _wait_freed(stack, session_id: str, timeout_s: float) -> float | None:
     return None
 
 
+def _non_loopback_listeners() -> list[str]:
+    """TCP listeners of this process and its descendants (Ray, Serve, workers) bound beyond
+    127.0.0.1 (`ss -ltnp`)."""
+    ours = _descendants(os.getpid()) | {os.getpid()}
+    out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=True).stdout
+    bad = []
+    for line in out.splitlines()[1:]:
+        host = line.split()[3].rsplit(":", 1)[0]
+        pids = {int(p.split(",")[0]) for p in line.split("pid=")[1:]}
+        if pids & ours and host not in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"):
+            bad.append(line)
+    return bad
+
+
 # ---------------------------------------------------------------------- lossless through it all
 def test_greedy_and_sampled_identical_to_the_engine(stack, engine_ref):
     with Client(stack.address) as c:
@@ -120,6 +134,7 @@ def test_greedy_and_sampled_identical_to_the_engine(stack, engine_ref):
         s = c.generate(token_ids=ids, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=11)
         assert s.token_ids == engine_ref(ids, 40, 0.8, 11, 0.9)
         assert s.summary.seed == 11
+        assert not _non_loopback_listeners()  # Ray, Serve, the front, the workers
         info = c.get_session(r.session_id)  # through either replica: the record is in Redis
         assert info.state == "finished" and list(info.token_ids) == r.token_ids
         assert info.text == r.text and info.placement in {p.address for p in stack.verifiers}
@@ -135,6 +150,7 @@ def test_serve_grpc_proxy_path_is_identical(stack, engine_ref):
             assert r.token_ids == engine_ref(engine_ref.encode(PROMPTS[2]), 32)
             with pytest.raises(Exception, match="unknown session"):
                 c.get_session("no-such-session")
+            assert not _non_loopback_listeners()  # Serve's proxy too (a setup hook binds it)
     finally:
         stack.stop_router()
         stack.start_router("front")

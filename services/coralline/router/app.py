@@ -9,7 +9,9 @@ public `Generation` RPCs, which is what both ingresses call:
 A ServiceError raised here carries its status through either path: the proxy reads it from
 `grpc_context`, the front from the exception Ray re-raises.
 
-Ray must be imported after `loopback_ray_env()` (stack.py does it).
+Ray must be imported after `loopback_ray_env()`, and its workers started with the
+`loopback_serve_grpc` setup hook (stack.py does both): then nothing Ray or Serve opens listens
+beyond 127.0.0.1, the front included.
 """
 
 from __future__ import annotations
@@ -28,6 +30,40 @@ def loopback_ray_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def loopback_serve_grpc() -> None:
+    """Ray worker setup hook (`runtime_env["worker_process_setup_hook"]`): the gRPC servers
+    Ray Serve starts inside its workers (each replica's inter-deployment server and the gRPC
+    proxy) hard-code `[::]` (every interface; ray 2.60); bind them to 127.0.0.1 instead. Ray's
+    own listeners already stay on loopback with `loopback_ray_env()`."""
+    import sys
+
+    import ray._common.tls_utils as tls
+    import ray.serve._private.default_impl as impl
+
+    def loopback(address: str) -> str:
+        return "127.0.0.1:" + address[len("[::]:") :] if address.startswith("[::]:") else address
+
+    add_port = tls.add_port_to_grpc_server
+    if getattr(add_port, "coralline_loopback", False):
+        return
+
+    def add_port_loopback(server, address):
+        return add_port(server, loopback(address))
+
+    def add_grpc_address_loopback(grpc_server, server_address: str) -> None:
+        grpc_server.add_insecure_port(loopback(server_address))
+
+    add_port_loopback.coralline_loopback = True
+    tls.add_port_to_grpc_server = add_port_loopback
+    impl.add_grpc_address = add_grpc_address_loopback
+    replica = sys.modules.get("ray.serve._private.replica")  # imported it by name already
+    if replica is not None:
+        replica.add_port_to_grpc_server = add_port_loopback
+
+
+LOOPBACK_HOOK = f"{__name__}.loopback_serve_grpc"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coralline.router.app import APP_NAME, GRPC_SERVICER, ReplicaConfig, loopback_ray_env
+from coralline.router.app import (
+    APP_NAME,
+    GRPC_SERVICER,
+    LOOPBACK_HOOK,
+    ReplicaConfig,
+    loopback_ray_env,
+)
 from coralline.router.core import RouterConfig
 from coralline.rpc.process import ServerProcess
 from coralline.rpc.server import ServerOptions
@@ -81,6 +87,7 @@ class Stack:
         self.ingress = config.ingress
         self._front = None
         self._loop = None
+        self._thread: threading.Thread | None = None
         self._ray = False
 
     # ------------------------------------------------------------------ workers
@@ -136,6 +143,7 @@ class Stack:
             configure_logging=False,
             log_to_driver=False,
             namespace="coralline",
+            runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
         )
         self._ray = True
         if ingress == "proxy":
@@ -181,7 +189,7 @@ class Stack:
         ready.wait(60)
         if failure:
             raise failure[0]
-        self._loop = loop
+        self._loop, self._thread = loop, thread
 
     # ------------------------------------------------------------------ whole stack
     def start(self) -> str:
@@ -211,7 +219,9 @@ class Stack:
             except Exception as e:
                 log.warning("front stop: %s", e)
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._front = None
+            self._thread.join(10)
+            self._loop.close()
+            self._front = self._loop = None
         if self._ray:
             import ray
             from ray import serve

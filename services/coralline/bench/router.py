@@ -150,16 +150,8 @@ class DirectPath:
         )
         req.sampling.temperature = 0.0
         req.sampling.seed = seed
-        out: list[int] = []
-        chunks, first, first_tokens, sid = 0, 0.0, 0, ""
         t0 = time.perf_counter()
-        for chunk in self.stub.Generate(req, timeout=600):
-            if not chunks:
-                first = time.perf_counter() - t0
-                first_tokens, sid = len(chunk.token_ids), chunk.session_id
-            chunks += 1
-            out.extend(chunk.token_ids)
-        return Generation(out, time.perf_counter() - t0, first, first_tokens, chunks, sid)
+        return _timed(self.stub.Generate(req, timeout=600), t0)
 
     def info(self):
         from coralline.rpc.protos import verifier_pb2
@@ -181,14 +173,20 @@ def public_generate(
     client, ids: Sequence[int], max_new_tokens: int, seed: int, drafter: str
 ) -> Generation:
     """One generation through the public API (the SDK's stream, so the first chunk is timed)."""
-    out: list[int] = []
-    chunks, first, first_tokens, sid = 0, 0.0, 0, ""
     t0 = time.perf_counter()
     it = client.stream(
         token_ids=list(ids), max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
         drafter=drafter,
     )  # fmt: skip
-    for chunk in it:
+    return _timed(it, t0)
+
+
+def _timed(chunks_in, t0: float) -> Generation:
+    """Collect a stream of chunks (wire messages or SDK chunks: `token_ids`, `session_id`),
+    timing the first one and the whole from t0."""
+    out: list[int] = []
+    chunks, first, first_tokens, sid = 0, 0.0, 0, ""
+    for chunk in chunks_in:
         if not chunks:
             first = time.perf_counter() - t0
             first_tokens, sid = len(chunk.token_ids), chunk.session_id

@@ -148,6 +148,9 @@ def test_serve_grpc_proxy_path_is_identical(stack, engine_ref):
         with Client(stack.address) as c:
             r = c.generate(PROMPTS[2], max_new_tokens=32)
             assert r.token_ids == engine_ref(engine_ref.encode(PROMPTS[2]), 32)
+            ids = engine_ref.encode(PROMPTS[3])
+            s = c.generate(token_ids=ids, max_new_tokens=32, temperature=0.7, seed=5)
+            assert s.token_ids == engine_ref(ids, 32, 0.7, 5)
             with pytest.raises(Exception, match="unknown session"):
                 c.get_session("no-such-session")
             assert not _non_loopback_listeners()  # Serve's proxy too (a setup hook binds it)

@@ -104,7 +104,7 @@ class VerifierServiceConfig:
 class _Live:
     """A running session: its engine generator and what must be freed when it ends."""
 
-    record: SessionRecord
+    record: SessionRecord  # as created (the store keeps its own copy, which grows)
     runner: object
     gen: object
     remote: RemoteDrafter | None
@@ -113,6 +113,7 @@ class _Live:
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: threading.Event = field(default_factory=threading.Event)
     closed: bool = False
+    tokens: int = 0  # generated so far (what the store's append reported)
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,7 @@ class VerifierCore:
             "session %s %s: %d tokens%s",
             sid,
             state,
-            len(live.record.token_ids),
+            live.tokens,
             f", {live.runner.num_cached} cached tokens retained" if keep else "",
         )
 
@@ -361,7 +362,7 @@ class VerifierCore:
                     state = FINISHED
                     self._free(live, state)  # the engine has ended: no round holds the lock
                     return
-                self.store.append(sid, chunk.token_ids, chunk.text)
+                live.tokens = self.store.append(sid, chunk.token_ids, chunk.text)
                 wire = live.remote.wire if live.remote is not None else WireStats()
                 stats = codec.stats_to_pb(
                     chunk.stats, bytes_to=wire.bytes_to, bytes_from=wire.bytes_from

@@ -46,11 +46,11 @@ proto-snapshot: protos ## Rewrite protos/coralline/v1/contract.json after a deli
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null && echo sudo; })
 
-servers: ## Install the real servers the tests start (redis-server) from Debian packages when missing
-	@command -v redis-server >/dev/null || { \
-		echo "installing redis-server (Debian package)"; \
+servers: ## Install what the tests start or call (redis-server; ss from iproute2) from Debian packages when missing
+	@command -v redis-server >/dev/null && command -v ss >/dev/null || { \
+		echo "installing redis-server, iproute2 (Debian packages)"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iproute2 >/dev/null; }
 	@redis-server --version
 
 model: install ## Convert the built-in SmolLM2 GGUF to a cached safetensors folder (once, ~20 s)

@@ -142,6 +142,7 @@ def _cmd_drafter(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout,
         workers=args.workers,
+        metrics_port=args.metrics_port,
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
@@ -168,6 +169,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
         retain_sessions=args.retain_sessions,
         retain_tokens=args.retain_tokens,
         sessions_url=args.sessions,
+        metrics_port=args.metrics_port,
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
@@ -483,6 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--advertise", default=None, metavar="HOST:PORT", help="the address to register"
+        )
+        sp.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            metavar="PORT",
+            help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = a free port, printed "
+            "on the ready line); off by default. Tracing: the OTEL_* variables "
+            "(docs/telemetry.md)",
         )
 
     dr = sub.add_parser("drafter", help="run the drafting gRPC service (CORAL head)")

@@ -62,6 +62,13 @@ class RoundStats:
     verify_ms: float  # target forward + warping + verification + KV commit
     fallback: str | None = None  # why this round verified the root alone instead of the
     # drafter's proposal (None: it did not, or there is no drafter)
+    # verify_ms split into its phases (telemetry: one span / histogram per hop)
+    forward_ms: float = 0.0  # the target's forward over the tree
+    accept_ms: float = 0.0  # warping + verification
+    commit_ms: float = 0.0  # keeping the accepted path in the KV cache
+    start_ns: int = 0  # the round's start (Unix epoch ns): the proposal is asked for then
+    tree_depth: int = 0  # the tree's deepest node (0 = the root alone)
+    prefill_ms: float = 0.0  # round 1 only: the prompt's forward pass just before it
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,9 @@ class Engine:
         # research hook: called each round as on_round(tree, target_rows [N, V], draft_rows)
         # just before verification (e.g. to score other verifiers on the very same trees)
         self.on_round: Callable[[TokenTree, torch.Tensor, object], None] | None = None
+        # telemetry hook: called as on_round_start(round number) when a round starts, before
+        # the proposal is asked for (the verifier starts the round's span there)
+        self.on_round_start: Callable[[int], None] | None = None
 
     def generate(
         self,
@@ -151,7 +161,9 @@ class Engine:
         generated = rounds = accepted_total = fallbacks = 0
         draft_ms = verify_ms = 0.0
         while True:
-            t0 = time.perf_counter()
+            if self.on_round_start is not None:
+                self.on_round_start(rounds + 1)
+            t0, start_ns = time.perf_counter(), time.time_ns()
             if drafter is not None:
                 step = DraftInput(tuple(new_ids), features, accepted_last)
                 proposal = drafter.propose(step, params)
@@ -172,11 +184,13 @@ class Engine:
             tree = proposal.tree
             t1 = time.perf_counter()
             out = target.tree_forward(tree)
+            tf = time.perf_counter()
             rows = out.probs(params)  # [N, V]
             if self.on_round is not None:
                 self.on_round(tree, rows, proposal.rows)
             coins = keyed_generator(params.seed, VERIFY, len(context))
             result = verify(tree, rows, proposal.rows, coins, check=self.config.check_inputs)
+            tv = time.perf_counter()
             target.commit(result.accepted)
             t2 = time.perf_counter()
             rounds += 1
@@ -213,6 +227,12 @@ class Engine:
                 (t1 - t0) * 1e3,
                 (t2 - t1) * 1e3,
                 fallback if drafter is not None else None,
+                forward_ms=(tf - t1) * 1e3,
+                accept_ms=(tv - tf) * 1e3,
+                commit_ms=(t2 - tv) * 1e3,
+                start_ns=start_ns,
+                tree_depth=int(tree.depth.max()) if tree.num_nodes > 1 else 0,
+                prefill_ms=prefill_ms if rounds == 1 else 0.0,
             )
             if finish is None:
                 yield Chunk(new, delta, stats)

@@ -66,6 +66,8 @@ from coralline.sampling import (
 )
 from coralline.tree import TokenTree
 
+DRAFT_HEAD, DRAFT_LM_HEAD = "head", "lm_head"  # timeline phase names
+
 
 @dataclass(frozen=True)
 class CoralDrafterConfig:
@@ -140,6 +142,9 @@ class CoralDrafter:
         self.last_out: torch.Tensor | None = None  # [d] head output at the last position
         self._last: tuple[TokenTree, float | None] | None = None
         self._last_chain: list[int] = []  # the lookup continuation offered last round
+        # telemetry: a list makes each head forward / LM-head call append
+        # (DRAFT_HEAD or DRAFT_LM_HEAD, t0, t1) in perf_counter ns (the drafter service sets it)
+        self.timeline: list[tuple[str, int, int]] | None = None
         self.lm_head_ms = 0.0  # time spent in LM-head matmuls (for the grouped-head figure)
         self.full_lm_head_ms = 0.0  # the full head on the same nodes (shadow_full_head)
 
@@ -147,12 +152,15 @@ class CoralDrafter:
     def _dist(self, feats: torch.Tensor, params: SamplingParams):
         """Warped draft distributions for feats [n, d]: (token ids [n, S] or None for the full
         vocabulary, probs [n, S])."""
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         if self.config.grouped:
             ids, logits = self.head.grouped_logits(feats)
         else:
             ids, logits = None, self.head.full_logits(feats)
-        self.lm_head_ms += (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter_ns()
+        self.lm_head_ms += (t1 - t0) / 1e6
+        if self.timeline is not None:
+            self.timeline.append((DRAFT_LM_HEAD, t0, t1))
         if self.config.grouped and self.shadow_full_head:
             t1 = time.perf_counter()
             self.head.full_logits(feats)
@@ -167,11 +175,15 @@ class CoralDrafter:
 
     def _run(self, tokens, feats, positions, mask) -> torch.Tensor:  # [n, d]
         dev = self.device
+        t0 = time.perf_counter_ns()
         if mask is not None:
             mask = mask.to(dev, self.head.fc.weight.dtype)
-        return self.head(
+        out = self.head(
             tokens[None].to(dev), feats[None].to(dev), positions[None].to(dev), mask, self.cache
         )[0]
+        if self.timeline is not None:
+            self.timeline.append((DRAFT_HEAD, t0, time.perf_counter_ns()))
+        return out
 
     @torch.inference_mode()
     def _sync(self, new_ids: tuple[int, ...], new_features: torch.Tensor | None) -> None:

@@ -170,6 +170,7 @@ def stats_to_pb(
     out: common_pb2.RoundStats | None = None,
     bytes_to: int = 0,
     bytes_from: int = 0,
+    drafter_ns: int = 0,
 ) -> common_pb2.RoundStats:
     msg = out if out is not None else common_pb2.RoundStats()
     msg.round = stats.round
@@ -180,6 +181,11 @@ def stats_to_pb(
     msg.fallback = stats.fallback or ""
     msg.bytes_to_drafter = bytes_to
     msg.bytes_from_drafter = bytes_from
+    msg.forward_ns = int(stats.forward_ms * 1e6)
+    msg.accept_ns = int(stats.accept_ms * 1e6)
+    msg.commit_ns = int(stats.commit_ms * 1e6)
+    msg.drafter_ns = drafter_ns
+    msg.tree_depth = stats.tree_depth
     return msg
 
 

@@ -30,6 +30,10 @@ from coralline.rpc import codec
 from coralline.rpc.errors import ServiceError, exhausted, not_found
 from coralline.rpc.protos import drafter_pb2, drafter_pb2_grpc
 from coralline.rpc.server import Server, ServerOptions
+from coralline.telemetry import tracing as tr
+from coralline.telemetry.drafter import record_round
+from coralline.telemetry.metrics import DrafterMetrics
+from coralline.telemetry.tracing import Tracing
 
 log = logging.getLogger("coralline.drafter")
 
@@ -46,6 +50,8 @@ class DrafterServiceConfig:
     max_sessions: int = 64  # RESOURCE_EXHAUSTED past it: a head's state is ~1 MB per session
     idle_timeout_s: float = 300.0  # a session with no message for this long is freed
     workers: int = 2  # drafting threads (one per core on this machine's 2 cores)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None =
+    # no metrics recorded (tracing is configured by the OTEL_* variables: telemetry/tracing.py)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -59,6 +65,8 @@ class DrafterServiceConfig:
             raise ValueError("max_sessions and workers must be >= 1")
         if not self.idle_timeout_s > 0:
             raise ValueError("idle_timeout_s must be > 0")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 
 
 @dataclass
@@ -73,10 +81,19 @@ class _Session:
 
 
 class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, config: DrafterServiceConfig) -> None:
+    def __init__(self, config: DrafterServiceConfig, tracing: Tracing | None = None) -> None:
+        """tracing: default from the OTEL_* variables (off unless they say otherwise)."""
         from coralline.models import load_token_weights
 
         self.config = config
+        self.tracing = tracing or Tracing.from_env(tr.SERVICES["drafter"])
+        self._queued = 0  # proposals waiting for a drafting thread
+        self._queue_lock = threading.Lock()
+        self.metrics = None
+        if config.metrics_port is not None:
+            self.metrics = DrafterMetrics(
+                sessions=lambda: len(self._sessions), queue=lambda: self._queued
+            )
         self.weights = load_token_weights(config.model, _DTYPES[config.dtype], config.device)
         self.fingerprint = self.weights.fingerprint
         self._factories: dict[str, object] = {}
@@ -173,18 +190,45 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         accepted = tuple(int(a) for a in msg.accepted) or None
         return DraftInput(tuple(ids), feats, accepted)
 
-    def _propose(self, session: _Session, step: DraftInput) -> drafter_pb2.DraftResponse:
-        """Runs in a pool thread."""
-        t0 = time.perf_counter_ns()
-        proposal = session.drafter.propose(step, session.params)
+    def _propose(self, session: _Session, step: DraftInput, parent) -> drafter_pb2.DraftResponse:
+        """Runs in a pool thread. parent: the round's trace context (None: not traced)."""
+        with self._queue_lock:
+            self._queued -= 1
+        watched = self.metrics is not None or self.tracing.enabled
+        start_ns, t0 = time.time_ns(), time.perf_counter_ns()
+        drafter = session.drafter
+        if watched and hasattr(drafter, "timeline"):
+            drafter.timeline = []
+        proposal = drafter.propose(step, session.params)
         out = drafter_pb2.DraftResponse()
         p = out.proposal
         p.round = session.round
         codec.tree_to_pb(proposal.tree, p.tree)
         if proposal.rows is not None:
             codec.rows_to_pb(proposal.rows, p.rows)
-        p.tree_kind = session.drafter.tree_kind
-        p.draft_ns = time.perf_counter_ns() - t0
+        p.tree_kind = drafter.tree_kind
+        t1 = time.perf_counter_ns()
+        p.draft_ns = t1 - t0
+        if watched:
+            tree = proposal.tree
+            record_round(
+                self.tracing,
+                self.metrics,
+                parent=parent,
+                start_ns=start_ns,
+                t0=t0,
+                t1=t1,
+                timeline=getattr(drafter, "timeline", None),
+                attributes={
+                    "specdec.round": session.round,
+                    "specdec.session_id": session.session_id,
+                    "specdec.drafter": session.name,
+                    "specdec.tree_nodes": tree.num_nodes,
+                    "specdec.tree_depth": int(tree.depth.max()) if tree.num_nodes > 1 else 0,
+                },
+            )
+            if hasattr(drafter, "timeline"):
+                drafter.timeline = None
         return out
 
     def _close(self, session: _Session, why: str) -> None:
@@ -196,7 +240,7 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
     async def Draft(self, request_iterator, context):
         loop = asyncio.get_running_loop()
         requests = request_iterator.__aiter__()
-        session, why = None, "stream ended"
+        session, why, stream = None, "stream ended", None
         try:
             while True:
                 try:
@@ -219,13 +263,28 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
                     if kind != "open":
                         raise ValueError("the first message of a Draft stream must be Open")
                     session, step = self._open(msg.open)
+                    if self.metrics is not None:
+                        self.metrics.opened.inc()
+                    if self.tracing.enabled:
+                        stream = self.tracing.start(
+                            tr.DRAFTER_RPC,
+                            tr.carrier_of_metadata(context.invocation_metadata()),
+                            "SERVER",
+                            {"specdec.session_id": session.session_id,
+                             "specdec.drafter": session.name},
+                        )  # fmt: skip
                 elif kind == "open":
                     raise ValueError("Open was already sent on this stream")
                 elif kind == "commit":
                     step = self._commit(session, msg.commit)
                 else:
                     raise ValueError("a DraftRequest must hold open, commit or close")
-                yield await loop.run_in_executor(self._pool, self._propose, session, step)
+                parent = None
+                if stream is not None:  # the verifier's round span, else the stream's
+                    parent = dict(getattr(msg, kind).trace_context) or stream
+                with self._queue_lock:
+                    self._queued += 1
+                yield await loop.run_in_executor(self._pool, self._propose, session, step, parent)
         except asyncio.CancelledError:
             why = "cancelled"
             raise
@@ -235,6 +294,9 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         finally:
             if session is not None:
                 self._close(session, why)
+            if stream is not None:
+                stream.set_attribute("specdec.close_reason", why)
+                stream.end()
 
     async def Info(self, request, context):
         out = drafter_pb2.DrafterInfo(
@@ -266,6 +328,8 @@ async def start_drafter(config: DrafterServiceConfig) -> tuple[Server, DrafterSe
     server.register(
         DRAFTER, config.max_sessions, service.fingerprint, lambda: len(service._sessions)
     )
+    if service.metrics is not None:
+        server.serve_metrics(service.metrics.registry, config.metrics_port)
     return server, service
 
 
@@ -276,7 +340,7 @@ async def serve(config: DrafterServiceConfig, ready=print) -> None:
     ready(
         f"coralline drafter listening on {server.address} (target {service.weights.name}, "
         f"default drafter {config.default_drafter} [{kind}], "
-        f"device {config.device})"
+        f"device {config.device}){server.telemetry_note(service.tracing)}"
     )
 
     def drain() -> None:
@@ -285,3 +349,4 @@ async def serve(config: DrafterServiceConfig, ready=print) -> None:
 
     await server.serve_until_signal(drain)
     service._pool.shutdown(wait=False, cancel_futures=True)
+    service.tracing.shutdown()  # flush the last spans

@@ -31,11 +31,15 @@ class ServerProcess:
     """`python -m coralline.cli <kind> --port 0 ...` in its own process, stderr to a log file."""
 
     READY = re.compile(r"listening on (\S+)")
+    METRICS = re.compile(r"metrics (http://\S+/metrics)")
 
-    def __init__(self, kind: str, args: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, kind: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
+        """env: variables added to this process's environment (e.g. OTEL_*)."""
         self.kind = kind
         self.log = log_dir / f"{kind}-{time.time_ns()}.log"
-        env = dict(os.environ, CORALLINE_THREADS="1", CORALLINE_LOG="INFO")
+        env = dict(os.environ, CORALLINE_THREADS="1", CORALLINE_LOG="INFO", **(env or {}))
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coralline.cli", kind, "--port", "0", *args],
@@ -47,6 +51,7 @@ class ServerProcess:
                 preexec_fn=_die_with_parent,
             )
         self.address = ""
+        self.metrics_url = ""  # its Prometheus endpoint, when started with --metrics-port
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, name=f"{kind}-stdout", daemon=True)
         self._reader.start()
@@ -56,7 +61,9 @@ class ServerProcess:
         for line in self.proc.stdout:  # drained to the end: the pipe never fills
             m = self.READY.search(line)
             if m and not self.address:
-                self.address = m.group(1)
+                self.address = m.group(1).rstrip(",")
+                metrics = self.METRICS.search(line)
+                self.metrics_url = metrics.group(1) if metrics else ""
                 self._ready.set()
         self._ready.set()  # EOF: the process ended
 

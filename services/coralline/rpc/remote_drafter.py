@@ -68,6 +68,7 @@ class WireStats:
 
     bytes_to: int = 0  # this round's request
     bytes_from: int = 0  # this round's responses (stale ones included)
+    drafter_ns: int = 0  # this round's drafting time inside the drafter (0: no proposal)
     reconnects: int = 0  # re-Opens in this request
 
 
@@ -98,6 +99,9 @@ class RemoteDrafter:
         self.fingerprint = target_fingerprint
         self.vocab_size = vocab_size
         self.metadata = metadata
+        # W3C context of the verifier's current round span, sent in each Open / Commit (the
+        # caller sets it before each round when tracing; empty = not traced)
+        self.trace_context: dict[str, str] = {}
         self.reset()
 
     # ------------------------------------------------------------------ Drafter protocol
@@ -117,7 +121,7 @@ class RemoteDrafter:
         if step.features is not None:
             self._features.append(step.features.detach().float().cpu())
         self._round += 1
-        self.wire.bytes_to = self.wire.bytes_from = 0
+        self.wire.bytes_to = self.wire.bytes_from = self.wire.drafter_ns = 0
         root = self.context[-1]
         if self._given_up is not None:
             return self._fallback(root, self._given_up)
@@ -156,6 +160,8 @@ class RemoteDrafter:
         o.target_fingerprint = self.fingerprint
         o.round = self._round
         o.max_nodes = self.config.max_nodes
+        if self.trace_context:
+            o.trace_context.update(self.trace_context)
         return req
 
     def _commit_request(self, step: DraftInput) -> drafter_pb2.DraftRequest:
@@ -168,6 +174,8 @@ class RemoteDrafter:
         if step.accepted is not None:
             c.accepted[:] = step.accepted
         c.committed_len = len(self.context)
+        if self.trace_context:
+            c.trace_context.update(self.trace_context)
         return req
 
     def _decode(self, resp, root: int, params: SamplingParams) -> DraftProposal:
@@ -177,6 +185,7 @@ class RemoteDrafter:
         if msg.tree_kind and msg.tree_kind != self.tree_kind:
             raise BadProposal(f"tree kind {msg.tree_kind!r}, expected {self.tree_kind!r}")
         proposal = codec.proposal_from_pb(msg, self.vocab_size)
+        self.wire.drafter_ns = max(int(msg.draft_ns), 0)
         check_proposal(
             proposal,
             root=root,

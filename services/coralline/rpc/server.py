@@ -75,6 +75,8 @@ class Server:
             [*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server
         )
         self.address = ""
+        self.metrics_url = ""  # http://host:port/metrics once serve_metrics() ran
+        self._metrics = None
         self._stopping = asyncio.Event()
         self._heartbeat = None
 
@@ -107,6 +109,20 @@ class Server:
         self._heartbeat = Heartbeat(RedisRegistry(self.options.registry), describe)
         self._heartbeat.start()
 
+    def serve_metrics(self, registry, port: int) -> str:
+        """Prometheus /metrics of `registry` on this server's host (HTTP, its own thread)."""
+        from coralline.telemetry.metrics import serve_metrics
+
+        self._metrics, bound = serve_metrics(registry, self.options.host, port)
+        host = self.options.host
+        self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/metrics"
+        return self.metrics_url
+
+    def telemetry_note(self, tracing) -> str:
+        """What the ready line says of metrics and tracing (the line ServerProcess parses)."""
+        note = f", metrics {self.metrics_url}" if self.metrics_url else ""
+        return note + (", tracing on" if tracing.enabled else "")
+
     def stop_on_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +136,10 @@ class Server:
         if on_drain is not None:
             on_drain()
         await self.server.stop(self.options.grace_s)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
 
     async def serve_until_signal(self, on_drain: Callable[[], None] | None = None) -> None:
         self.stop_on_signals()

@@ -60,6 +60,10 @@ from coralline.session import (
     MemorySessionStore,
     SessionRecord,
 )
+from coralline.telemetry import tracing as tr
+from coralline.telemetry.metrics import VerifierMetrics
+from coralline.telemetry.tracing import Tracing
+from coralline.telemetry.verifier import SessionTelemetry
 
 log = logging.getLogger("coralline.verifier")
 
@@ -81,6 +85,8 @@ class VerifierServiceConfig:
     retain_tokens: int = 8192  # tokens across those idle caches (SmolLM2: ~46 KB each in fp32)
     sessions_url: str | None = None  # redis://... : the routers' session store; an evicted
     # cache clears its session's KV holder there (when it still names this verifier)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None =
+    # no metrics recorded (tracing is configured by the OTEL_* variables: telemetry/tracing.py)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -92,6 +98,8 @@ class VerifierServiceConfig:
             raise ValueError("max_sessions and max_tree_nodes must be >= 1")
         if self.retain_sessions < 0 or self.retain_tokens < 0:
             raise ValueError("retain_sessions and retain_tokens must be >= 0")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 
     @property
     def drafter(self) -> str:
@@ -114,6 +122,7 @@ class _Live:
     cancelled: threading.Event = field(default_factory=threading.Event)
     closed: bool = False
     tokens: int = 0  # generated so far (what the store's append reported)
+    telemetry: SessionTelemetry | None = None  # spans / metrics (None: both off)
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,28 @@ class Step:
     summary: common_pb2.Summary | None
 
 
+class CountingLock:
+    """A lock that counts the threads waiting for it: the target's lock (forward passes are
+    serialised), so `waiting` is the verifier's queue depth in rounds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    def __enter__(self) -> CountingLock:
+        if not self._lock.acquire(blocking=False):
+            with self._count:
+                self.waiting += 1
+            self._lock.acquire()
+            with self._count:
+                self.waiting -= 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
 class VerifierCore:
     """Sessions over one target; shared by the two servicers."""
 
@@ -133,15 +164,25 @@ class VerifierCore:
         self,
         config: VerifierServiceConfig,
         on_evict: Callable[[str], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """on_evict(session_id) is called (in a worker thread) when a retained cache is
-        dropped; its exceptions are logged."""
+        dropped; its exceptions are logged. tracing: default from the OTEL_* variables."""
         from coralline.target import TargetConfig, TargetRunner
 
         self.config = config
         self.target = TargetRunner.load(
             TargetConfig(model=config.model, dtype=config.dtype, device=config.device)
         )
+        self.target.lock = CountingLock()  # forks share it: forwards are serialised
+        self.tracing = tracing or Tracing.from_env(tr.SERVICES["verifier"])
+        self.metrics = None
+        if config.metrics_port is not None:
+            self.metrics = VerifierMetrics(
+                running=lambda: len(self.live),
+                waiting=lambda: self.target.lock.waiting,
+                retained=lambda: len(self._idle),
+            )
         self.fingerprint = self.target.fingerprint
         self.store = MemorySessionStore(config.history)
         self.live: dict[str, _Live] = {}
@@ -216,6 +257,8 @@ class VerifierCore:
         endpoint: str,
         verifier: str,
         retain: bool = False,
+        parent=None,
+        rpc: str = tr.VERIFIER_RPC,
     ) -> _Live:
         cfg, target = self.config, self.target
         if self.draining:
@@ -248,19 +291,26 @@ class VerifierCore:
             )
         retained = self._take(session_id)  # (runner, turns) of its retained cache, or None
         self._enforce_retain_bounds()  # the other idle caches (a no-op unless bounds changed)
+        tel = self._telemetry(rpc, parent, session_id, params, name, len(prompt))
         try:
             runner, turn = (retained[0], retained[1] + 1) if retained else (target.fork(), 1)
-            remote = self._remote(name, endpoint, session_id, turn)
+            remote = self._remote(name, endpoint, session_id, turn, tel)
             engine = Engine(runner, remote, EngineConfig(verifier=verifier or None))
+            if tel is not None:
+                tel.remote = remote
+                if tel.tracing is not None:
+                    engine.on_round_start = tel.round_started
             # validates the pair before anything runs; reuse keeps the cache's common prefix
             gen = engine.generate(prompt, params, reuse_cache=retained is not None)
-        except Exception:
+        except Exception as e:
             if retained is not None:  # nothing ran: the cache is still good
                 self._retain(session_id, *retained)
+            if tel is not None:
+                tel.end("failed", error=e)
             raise
         record = SessionRecord(session_id, len(prompt), name, prompt_ids=list(prompt), turns=turn)
         self.store.create(record)
-        live = _Live(record, runner, gen, remote, retain, turn)
+        live = _Live(record, runner, gen, remote, retain, turn, telemetry=tel)
         self.live[session_id] = live
         log.info(
             "session %s start (turn %d): prompt %d tokens, %d in a retained cache, drafter %s, "
@@ -274,7 +324,27 @@ class VerifierCore:
         )
         return live
 
-    def _remote(self, name: str, endpoint: str, session_id: str, turn: int) -> RemoteDrafter | None:
+    def _telemetry(self, rpc, parent, session_id, params, drafter, prompt_tokens):
+        """The session's spans / metrics, or None when both are off (then nothing is built)."""
+        if not self.tracing.enabled and self.metrics is None:
+            return None
+        attrs = {}
+        if self.tracing.enabled:
+            attrs = tr.genai_request_attributes("text_completion", self.config.model, params)
+            attrs["specdec.session_id"] = session_id
+            attrs["specdec.drafter"] = drafter
+        return SessionTelemetry(
+            self.tracing,
+            self.metrics,
+            rpc=rpc,
+            parent=parent,
+            attributes=attrs,
+            prompt_tokens=prompt_tokens,
+        )
+
+    def _remote(
+        self, name: str, endpoint: str, session_id: str, turn: int, tel=None
+    ) -> RemoteDrafter | None:
         """The session's drafter link (None for plain decoding). A retained session's later
         turns open the drafter session "<id>#<turn>": the previous turn's Close may still be
         on its way when the next turn opens."""
@@ -294,6 +364,9 @@ class VerifierCore:
                 session_id=session_id if turn == 1 else f"{session_id}#{turn}",
                 target_fingerprint=self.fingerprint,
                 vocab_size=self.target.vocab_size,
+                # the stream's metadata carries the request span (each round's message its
+                # round span)
+                metadata=tel.tracing.metadata(tel.span) if tel and tel.tracing else (),
             )
         return remote
 
@@ -343,6 +416,8 @@ class VerifierCore:
         endpoint: str = "",
         verifier: str = "",
         retain: bool = False,
+        parent=None,
+        rpc: str = tr.VERIFIER_RPC,
     ):
         """Async iterator of Steps, one per round; raises ServiceError(CANCELLED) when the
         session is cancelled. The session is freed however the iteration ends; retain=True
@@ -350,9 +425,11 @@ class VerifierCore:
         A finished session is freed before its last Step is yielded, so a next turn may
         follow at once."""
         loop = asyncio.get_running_loop()
-        live = self._start(session_id, prompt, params, drafter, endpoint, verifier, retain)
+        live = self._start(
+            session_id, prompt, params, drafter, endpoint, verifier, retain, parent, rpc
+        )
         sid = live.record.session_id
-        state, error = CANCELLED, ""
+        state, error, failure = CANCELLED, "", None
         try:
             while True:
                 if live.cancelled.is_set():
@@ -364,8 +441,15 @@ class VerifierCore:
                     return
                 live.tokens = self.store.append(sid, chunk.token_ids, chunk.text)
                 wire = live.remote.wire if live.remote is not None else WireStats()
+                if live.telemetry is not None:
+                    live.telemetry.round_done(
+                        chunk.stats, len(chunk.token_ids), wire, cached=live.runner.reused
+                    )
                 stats = codec.stats_to_pb(
-                    chunk.stats, bytes_to=wire.bytes_to, bytes_from=wire.bytes_from
+                    chunk.stats,
+                    bytes_to=wire.bytes_to,
+                    bytes_from=wire.bytes_from,
+                    drafter_ns=wire.drafter_ns,
                 )
                 summary = None
                 if chunk.summary is not None:
@@ -376,18 +460,21 @@ class VerifierCore:
                 yield Step(sid, chunk, stats, summary)
                 if summary is not None:
                     return
-        except ServiceError:
+        except ServiceError as e:
+            failure = e
             raise
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
-            state, error = FAILED, f"{type(e).__name__}: {e}"
+            state, error, failure = FAILED, f"{type(e).__name__}: {e}", e
             raise
         finally:
             if live.record.summary is not None:
                 state = FINISHED
             if not live.closed:
                 self._pool.submit(self._free, live, state, error)
+            if live.telemetry is not None:
+                live.telemetry.end(state, live.record.summary, failure)
 
     def cancel(self, session_id: str) -> bool:
         live = self.live.get(session_id)
@@ -397,6 +484,12 @@ class VerifierCore:
             return False  # already finished
         live.cancelled.set()
         return True
+
+    def parent(self, context) -> dict[str, str] | None:
+        """The caller's trace context (gRPC metadata), when tracing."""
+        if not self.tracing.enabled:
+            return None
+        return tr.carrier_of_metadata(context.invocation_metadata())
 
     def encode(self, text: str, chat: bool) -> list[int]:
         return self.target.encode(text, chat=chat)
@@ -443,6 +536,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             request.drafter_endpoint,
             request.verifier,
             request.retain,
+            parent=self.core.parent(context),
         ):
             yield _response(verifier_pb2.VerifyChunk, step)
 
@@ -509,7 +603,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         params = _params(request)
         # this service's own sessions keep their KV cache (bounded LRU) for a next turn
         async for step in self.core.run(
-            request.session_id, prompt, params, request.drafter, "", request.verifier, retain=True
+            request.session_id,
+            prompt,
+            params,
+            request.drafter,
+            "",
+            request.verifier,
+            retain=True,
+            parent=self.core.parent(context),
+            rpc=tr.GENERATION_RPC,
         ):
             yield _response(generation_pb2.GenerateResponse, step)
 
@@ -550,6 +652,8 @@ async def start_verifier(
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.start()
     server.register(VERIFIER, config.max_sessions, core.fingerprint, lambda: len(core.live))
+    if core.metrics is not None:
+        server.serve_metrics(core.metrics.registry, config.metrics_port)
     return server, core
 
 
@@ -561,8 +665,9 @@ async def serve(config: VerifierServiceConfig, ready=print) -> None:
     ready(
         f"coralline verifier listening on {server.address} (target {config.model}, drafter "
         f"link {link}, default drafter {config.drafter}, device {config.device}, ready in "
-        f"{time.perf_counter() - t0:.1f} s)"
+        f"{time.perf_counter() - t0:.1f} s){server.telemetry_note(core.tracing)}"
     )
     await server.serve_until_signal(core.drain)
     for channel in core._channels.values():
         await channel.close()
+    core.tracing.shutdown()  # flush the last spans

@@ -1,0 +1,270 @@
+"""Prometheus metrics of each service, served on an HTTP `/metrics` endpoint.
+
+Names follow vLLM's where one exists (`vllm:` becomes `coralline:`), so dashboards and alerts
+written for vLLM read ours: the speculative-decoding counters
+`spec_decode_num_drafts / num_draft_tokens / num_accepted_tokens / num_accepted_tokens_per_pos`,
+`time_to_first_token_seconds`, `time_per_output_token_seconds`, `e2e_request_latency_seconds`,
+`num_requests_running / waiting`, `prompt_tokens`, `generation_tokens`, `request_success`.
+What vLLM has no name for is ours: per-hop round latency, the drafter's phases, the router.
+
+Formulas (PromQL over a window w):
+  acceptance length (tau)  = 1 + rate(spec_decode_num_accepted_tokens_total[w])
+                                 / rate(spec_decode_num_drafts_total[w])
+  draft acceptance rate    = rate(num_accepted_tokens_total) / rate(num_draft_tokens_total)
+  acceptance at depth d    = rate(num_accepted_tokens_per_pos_total{position="d-1"})
+                                 / rate(num_drafts_total)  (the chance a round accepts >= d)
+  tokens/s                 = rate(generation_tokens_total[w])
+  network per round        = draft_wait - drafter time (coralline:draft_network_seconds)
+A "draft" is a round that verified a drafter's proposal; rounds that verified the root alone
+(no drafter, or a fallback) count in rounds_total but not in drafts, so tau here is the
+speculating rounds' tau (Summary.acceptance_length averages over all rounds: equal without
+fallbacks).
+
+Each service owns a CollectorRegistry (several services in one test process never collide);
+`serve_metrics` exposes one on 127.0.0.1 unless told otherwise. Recording costs a few
+microseconds per round; a service without a metrics port records nothing (`metrics=None`).
+
+Knows nothing about gRPC or the engine beyond the numbers it is handed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "coralline:"
+
+# seconds; a CPU round is ~30-150 ms, a GPU round ~5-20 ms
+STEP_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+    0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+TTFT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0,
+)  # fmt: skip
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+MAX_POSITIONS = 16  # accepted-per-position labels 0..15 (deeper acceptances count in 15)
+
+
+def _c(registry, name, doc, labels=()):
+    return Counter(PREFIX + name, doc, labels, registry=registry)
+
+
+def _h(registry, name, doc, buckets=STEP_BUCKETS):
+    return Histogram(PREFIX + name, doc, buckets=buckets, registry=registry)
+
+
+def _g(registry, name, doc, fn: Callable[[], float] | None = None):
+    g = Gauge(PREFIX + name, doc, registry=registry)
+    if fn is not None:
+        g.set_function(fn)
+    return g
+
+
+class VerifierMetrics:
+    """The verifier: requests, rounds, acceptance, per-hop round latency."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        running: Callable[[], float] | None = None,
+        waiting: Callable[[], float] | None = None,
+        retained: Callable[[], float] | None = None,
+    ) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        _g(r, "num_requests_running", "Sessions decoding now (each holds a KV cache)", running)
+        _g(r, "num_requests_waiting", "Rounds waiting for the target (forwards are serialised)",
+           waiting)  # fmt: skip
+        _g(r, "retained_sessions", "Idle sessions whose KV cache is kept for a next turn", retained)
+        self.requests = _c(r, "requests", "Requests ended, by outcome", ("outcome",))
+        self.success = _c(
+            r, "request_success", "Requests finished, by finish reason", ("finished_reason",)
+        )
+        self.prompt_tokens = _c(r, "prompt_tokens", "Prompt tokens of requests started")
+        self.cached_prompt_tokens = _c(
+            r, "cached_prompt_tokens", "Prompt tokens found in a retained KV cache (not forwarded)"
+        )
+        self.generation_tokens = _c(r, "generation_tokens", "Tokens generated (committed)")
+        self.rounds = _c(r, "rounds", "Target forwards after the prefill (all rounds)")
+        self.drafts = _c(
+            r, "spec_decode_num_drafts", "Rounds that verified a drafter's proposal (vLLM: drafts)"
+        )
+        self.draft_tokens = _c(
+            r, "spec_decode_num_draft_tokens", "Draft tokens verified (tree nodes but the root)"
+        )
+        self.accepted = _c(
+            r, "spec_decode_num_accepted_tokens", "Draft tokens accepted (tau = 1 + this / drafts)"
+        )
+        self.accepted_per_pos = _c(
+            r,
+            "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by tree depth (position 0 = depth 1)",
+            ("position",),
+        )
+        self.fallbacks = _c(
+            r,
+            "spec_decode_fallback_rounds",
+            "Rounds that verified the root alone in place of a proposal (late, invalid, lost "
+            "drafter, context end): plain decoding, lossless",
+        )
+        self.link_bytes = _c(
+            r, "drafter_link_bytes", "Bytes on the drafter link, by direction", ("direction",)
+        )
+        self.round_s = _h(r, "round_duration_seconds", "One round at the verifier, end to end")
+        self.wait_s = _h(
+            r, "draft_wait_seconds", "Waiting for the proposal: network + drafting, as seen here"
+        )
+        self.network_s = _h(
+            r, "draft_network_seconds", "Proposal wait minus the drafter's own time: the network"
+        )
+        self.forward_s = _h(r, "target_forward_seconds", "The target's forward over the tree")
+        self.verify_s = _h(r, "verify_duration_seconds", "Warping + traversal verification")
+        self.commit_s = _h(r, "kv_commit_seconds", "Keeping the accepted path in the KV cache")
+        self.prefill_s = _h(
+            r, "request_prefill_time_seconds", "The prompt's forward pass", TTFT_BUCKETS
+        )
+        self.ttft_s = _h(r, "time_to_first_token_seconds", "Request to first chunk", TTFT_BUCKETS)
+        self.tpot_s = _h(
+            r, "time_per_output_token_seconds", "Round time / tokens it committed (per token)"
+        )
+        self.e2e_s = _h(r, "e2e_request_latency_seconds", "Request start to end", E2E_BUCKETS)
+        self._pos = [self.accepted_per_pos.labels(position=str(i)) for i in range(MAX_POSITIONS)]
+        self._sent = self.link_bytes.labels(direction="sent")
+        self._received = self.link_bytes.labels(direction="received")
+
+    def request_started(self, prompt_tokens: int, cached: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_prompt_tokens.inc(cached)
+
+    def round_done(
+        self,
+        *,
+        seconds: float,  # the round at the verifier, wall
+        committed: int,  # tokens it committed
+        tree_nodes: int,
+        accepted: int,
+        speculative: bool,  # a drafter's proposal was verified (not the root alone)
+        fallback: bool,
+        draft_s: float,
+        drafter_s: float | None,  # the drafter's own time (None: no drafter answered)
+        forward_s: float,
+        verify_s: float,
+        commit_s: float,
+        bytes_sent: int = 0,
+        bytes_received: int = 0,
+        prefill_s: float = 0.0,  # round 1 only
+    ) -> None:
+        self.rounds.inc()
+        self.generation_tokens.inc(committed)
+        if speculative:
+            self.drafts.inc()
+            self.draft_tokens.inc(tree_nodes - 1)
+            if accepted:
+                self.accepted.inc(accepted)
+                for d in range(accepted):
+                    self._pos[min(d, MAX_POSITIONS - 1)].inc()
+        if fallback:
+            self.fallbacks.inc()
+        self.round_s.observe(seconds)
+        if committed:
+            self.tpot_s.observe(seconds / committed)
+        self.wait_s.observe(draft_s)
+        if drafter_s is not None:
+            self.network_s.observe(max(draft_s - drafter_s, 0.0))
+        self.forward_s.observe(forward_s)
+        self.verify_s.observe(verify_s)
+        self.commit_s.observe(commit_s)
+        if bytes_sent:
+            self._sent.inc(bytes_sent)
+        if bytes_received:
+            self._received.inc(bytes_received)
+        if prefill_s:
+            self.prefill_s.observe(prefill_s)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft_s.observe(seconds)
+
+    def request_done(self, outcome: str, finish_reason: str, seconds: float) -> None:
+        """outcome: finished / cancelled / failed; finish_reason: eos / length / stop / context
+        for finished requests."""
+        self.requests.labels(outcome=outcome).inc()
+        if outcome == "finished":
+            self.success.labels(finished_reason=finish_reason).inc()
+        self.e2e_s.observe(seconds)
+
+
+class DrafterMetrics:
+    """The drafter: proposals, their phases, sessions and the drafting queue."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        sessions: Callable[[], float] | None = None,
+        queue: Callable[[], float] | None = None,
+    ) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        _g(r, "drafter_sessions", "Draft streams open", sessions)
+        _g(r, "drafter_queue_depth", "Proposals waiting for a drafting thread", queue)
+        self.opened = _c(r, "drafter_sessions_opened", "Draft streams opened")
+        self.proposals = _c(r, "drafter_proposals", "Proposals sent")
+        self.nodes = _c(r, "drafter_proposal_nodes", "Tree nodes proposed, roots included")
+        self.round_s = _h(r, "drafter_round_seconds", "One proposal inside the drafter")
+        self.head_s = _h(r, "drafter_head_seconds", "A round's draft-head forwards")
+        self.lm_head_s = _h(r, "drafter_lm_head_seconds", "A round's LM-head (grouped) matmuls")
+        self.tree_s = _h(
+            r, "drafter_tree_seconds", "A round's tree building: the rest of the proposal"
+        )
+
+    def proposal(
+        self, seconds: float, nodes: int, head_s: float | None, lm_head_s: float | None
+    ) -> None:
+        self.proposals.inc()
+        self.nodes.inc(nodes)
+        self.round_s.observe(seconds)
+        if head_s is not None and lm_head_s is not None:
+            self.head_s.observe(head_s)
+            self.lm_head_s.observe(lm_head_s)
+            self.tree_s.observe(max(seconds - head_s - lm_head_s, 0.0))
+
+
+class RouterMetrics:
+    """The router's public port: what clients see."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, running: Callable[[], float] | None = None
+    ) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        _g(r, "router_num_requests_running", "Requests streaming through the router", running)
+        self.requests = _c(r, "router_requests", "Requests ended, by outcome", ("outcome",))
+        self.generation_tokens = _c(r, "router_generation_tokens", "Tokens streamed to clients")
+        self.failovers = _c(r, "router_failovers", "Sessions re-placed after a verifier failed")
+        self.ttft_s = _h(
+            r, "router_time_to_first_token_seconds", "Request to first chunk", TTFT_BUCKETS
+        )
+        self.tpot_s = _h(
+            r,
+            "router_time_per_output_token_seconds",
+            "Between chunks, per token they carry, as clients see it",
+        )
+        self.e2e_s = _h(r, "router_e2e_request_latency_seconds", "Request to end", E2E_BUCKETS)
+
+    def chunk(self, tokens: int, seconds_since_last: float | None, first: float | None) -> None:
+        """A chunk relayed: `first` = seconds since the request for the first chunk."""
+        self.generation_tokens.inc(tokens)
+        if first is not None:
+            self.ttft_s.observe(first)
+        elif seconds_since_last is not None and tokens:
+            self.tpot_s.observe(seconds_since_last / tokens)
+
+    def request_done(self, outcome: str, seconds: float, failovers: int = 0) -> None:
+        self.requests.labels(outcome=outcome).inc()
+        self.e2e_s.observe(seconds)
+        if failovers:
+            self.failovers.inc(failovers)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+    """Serve `registry` on http://host:port/metrics in a daemon thread; returns (server, port)."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, server.server_address[1]

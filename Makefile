@@ -46,12 +46,19 @@ proto-snapshot: protos ## Rewrite protos/coralline/v1/contract.json after a deli
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null && echo sudo; })
 
-servers: ## Install what the tests start or call (redis-server; ss from iproute2) from Debian packages when missing
-	@command -v redis-server >/dev/null && command -v ss >/dev/null || { \
-		echo "installing redis-server, iproute2 (Debian packages)"; \
+servers: ## Install what the tests start or call from Debian packages when missing: redis-server, ss (iproute2), prometheus (+ promtool), chromium + chromedriver
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v ss >/dev/null || missing="$$missing iproute2"; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	test -x /usr/bin/chromedriver || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing (Debian packages):$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iproute2 >/dev/null; }
-	@redis-server --version
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@redis-server --version | cut -d' ' -f1-3; prometheus --version 2>&1 | head -1; /usr/bin/chromium --version 2>/dev/null
 
 model: install ## Convert the built-in SmolLM2 GGUF to a cached safetensors folder (once, ~20 s)
 	$(PY) -m coralline.cli model prepare

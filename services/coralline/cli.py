@@ -197,8 +197,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ingress=args.ingress,
         replicas=ReplicaConfig(routers=args.routers, autoscale_max=args.autoscale_max),
         log_dir=args.log_dir,
+        telemetry=not args.no_telemetry,
+        dashboard_port=args.dashboard_port,
+        trace_file=args.trace_file,
     )
     return run(config, ready=lambda line: print(line, flush=True))
+
+
+def _cmd_trace_report(args: argparse.Namespace) -> int:
+    from coralline.telemetry import report
+
+    return report.main(
+        args.file, png=args.png, trace=args.trace, as_json=args.json, rounds=not args.no_rounds
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -556,7 +567,45 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (workers)")
     sv.add_argument("--max-sessions", type=int, default=16, help="per verifier")
     sv.add_argument("--log-dir", default=None, help="worker logs (default: a temporary folder)")
+    sv.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=8321,
+        help="the live view (recent requests, round timelines across services), the router's "
+        "/metrics and Prometheus service discovery at /prometheus/targets (0 = a free port)",
+    )
+    sv.add_argument(
+        "--trace-file",
+        default=None,
+        metavar="FILE",
+        help="also append every span to FILE as OTLP/JSON lines (for coralline trace-report)",
+    )
+    sv.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="no live view, no /metrics, no tracing (the OTEL_* variables still apply)",
+    )
     sv.set_defaults(fn=_cmd_serve)
+
+    tr = sub.add_parser(
+        "trace-report",
+        help="per-hop latency breakdown of coralline traces: one row per request and per "
+        "speculative round (OTLP/JSON: the Collector's file exporter, the live view's download, "
+        "serve --trace-file), optionally a PNG timeline",
+    )
+    tr.add_argument("file", help="OTLP/JSON traces: one ExportTraceServiceRequest, or one per line")
+    tr.add_argument(
+        "--png",
+        default=None,
+        metavar="OUT",
+        help="write a timeline PNG of one trace to OUT (the --trace one, else the newest)",
+    )
+    tr.add_argument("--trace", default=None, help="only this trace (a unique id prefix is enough)")
+    tr.add_argument(
+        "--json", action="store_true", help='print {"requests": [...], "rounds": [...]} as JSON'
+    )
+    tr.add_argument("--no-rounds", action="store_true", help="only the per-request table")
+    tr.set_defaults(fn=_cmd_trace_report)
 
     d = sub.add_parser(
         "demo", help="the stack up, speculation vs plain decoding through it (SmolLM2), stack down"

@@ -60,6 +60,7 @@ def stack(redis_server, tmp_path_factory):
             redis=redis_server.url,
             replicas=ReplicaConfig(routers=2),
             log_dir=str(tmp_path_factory.mktemp("stack-logs")),
+            dashboard_port=0,  # telemetry on (the default): faults with tracing and metrics
         )
     )
     st.start()

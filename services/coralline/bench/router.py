@@ -583,7 +583,13 @@ def run(cfg: RouterBenchConfig, command: str = "") -> dict:
     load_before = os.getloadavg()
     log_dir = Path(tempfile.mkdtemp(prefix="coralline-router-bench-"))
     stack = Stack(
-        StackConfig(port=0, model=cfg.model, draft_checkpoint=cfg.checkpoint, log_dir=str(log_dir))
+        StackConfig(
+            port=0,
+            model=cfg.model,
+            draft_checkpoint=cfg.checkpoint,
+            log_dir=str(log_dir),
+            dashboard_port=0,
+        )
     )
     direct: DirectPath | None = None
     timings: dict[str, Any] = {"router_start_s": {}, "router_stop_s": {}}

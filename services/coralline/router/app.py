@@ -100,9 +100,15 @@ class RouterReplica:
             grpc_context.set_code(code)
             grpc_context.set_details(message)
 
-    async def Generate(self, request, grpc_context=None):
+    async def Generate(self, request, grpc_context=None, trace_context=None):
+        """trace_context: the client's W3C context, from the front (the proxy path reads the
+        call's metadata)."""
+        if trace_context is None and grpc_context is not None and self.core.tracing.enabled:
+            from coralline.telemetry.tracing import carrier_of_metadata
+
+            trace_context = carrier_of_metadata(grpc_context.invocation_metadata())
         try:
-            async for response in self.core.generate(request):
+            async for response in self.core.generate(request, trace_context):
                 yield response
         except Exception as e:
             self._fail(e, grpc_context)

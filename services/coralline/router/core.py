@@ -48,6 +48,9 @@ from coralline.session import (
     SessionRecord,
     StoreUnavailable,
 )
+from coralline.telemetry import tracing as tr
+from coralline.telemetry.router import RequestTrace
+from coralline.telemetry.tracing import Tracing
 
 log = logging.getLogger("coralline.router")
 
@@ -120,6 +123,7 @@ class _Turn:
     verify_ns: int = 0
     failovers: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    trace: RequestTrace | None = None  # its spans, when tracing
 
     @property
     def sid(self) -> str:
@@ -129,10 +133,14 @@ class _Turn:
 class RouterCore:
     """One router replica's logic; every method runs on the replica's event loop."""
 
-    def __init__(self, config: RouterConfig, store=None, discovery=None) -> None:
+    def __init__(
+        self, config: RouterConfig, store=None, discovery=None, tracing: Tracing | None = None
+    ) -> None:
+        """tracing: default from the OTEL_* variables (off unless they say otherwise)."""
         from coralline import models
 
         self.config = config
+        self.tracing = tracing or Tracing.from_env(tr.SERVICES["router"])
         self.store = store if store is not None else make_store(config)
         self.pool = WorkerPool(
             discovery if discovery is not None else make_discovery(config),
@@ -314,9 +322,23 @@ class RouterCore:
         log.error("session %s: could not record its end (%s) in the session store", turn.sid, state)
 
     # ------------------------------------------------------------------ Generate
-    async def generate(self, request) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        turn = await self._begin(request)
-        state, error, summary, holder = CANCELLED, "", None, ""
+    async def generate(
+        self, request, trace_context=None
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """trace_context: the client's W3C context (a dict or gRPC metadata), if any."""
+        trace = None
+        if self.tracing.enabled:
+            trace = RequestTrace(self.tracing, request, self.config.model, trace_context)
+        try:
+            turn = await self._begin(request)
+        except Exception as e:
+            if trace is not None:
+                trace.end(None, FAILED, None, e)
+            raise
+        if trace is not None:
+            turn.trace = trace
+            trace.begun(turn.sid, turn.params, len(turn.prompt))
+        state, error, summary, holder, failure = CANCELLED, "", None, "", None
         try:
             async for response, done in self._stream(turn):
                 if done is not None:
@@ -325,14 +347,16 @@ class RouterCore:
                 yield response
         except ServiceError as e:
             state = CANCELLED if e.code == grpc.StatusCode.CANCELLED else FAILED
-            error = "" if state == CANCELLED else e.message
+            error, failure = ("" if state == CANCELLED else e.message), e
             raise
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
-            state, error = FAILED, f"{type(e).__name__}: {e}"
+            state, error, failure = FAILED, f"{type(e).__name__}: {e}", e
             raise
         finally:
+            if trace is not None:
+                trace.end(turn, state, summary, failure)
             await asyncio.shield(
                 asyncio.to_thread(self._finish, turn, state, summary, error, holder)
             )
@@ -340,14 +364,22 @@ class RouterCore:
     async def _stream(self, turn: _Turn):
         """(GenerateResponse, None | (Summary, holder address)) per round, failing over."""
         exclude: set[str] = set()
+        trace, attempt = turn.trace, 0
         while True:
+            attempt += 1
+            t_place = time.time_ns()
             p = await self._place(turn, exclude)
             address = p.verifier.address
+            if trace is not None:
+                trace.placed(t_place, p, attempt)
             fields = {"placement": address, "failovers": turn.failovers}
             fields["drafter_address"] = p.drafter.address if p.drafter is not None else ""
             await self._store(self.store.update, turn.sid, **fields)
-            call = self.pool.verifier(address).Generate(self._verify_request(turn, p))
-            segment_start = len(turn.ids)
+            span, metadata = trace.call(address, attempt) if trace is not None else (None, ())
+            call = self.pool.verifier(address).Generate(
+                self._verify_request(turn, p), metadata=metadata
+            )
+            segment_start, failure = len(turn.ids), None
             try:
                 async for chunk in call:
                     response = self._relay(turn, chunk, segment_start)
@@ -364,6 +396,7 @@ class RouterCore:
                     grpc.StatusCode.INTERNAL, f"verifier {address} ended the stream early"
                 )
             except grpc.aio.AioRpcError as e:
+                failure = e
                 code = e.code()
                 if code == grpc.StatusCode.CANCELLED and await self._cancel_requested(turn):
                     raise ServiceError(
@@ -393,6 +426,8 @@ class RouterCore:
                     ) from None
             finally:
                 call.cancel()  # a no-op once it ended; frees the verifier's session otherwise
+                if span is not None:
+                    trace.call_done(span, failure)
 
     async def _cancel_requested(self, turn: _Turn) -> bool:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import grpc
@@ -25,6 +26,8 @@ import grpc
 from coralline.rpc.errors import ServiceError
 from coralline.rpc.protos import generation_pb2, generation_pb2_grpc
 from coralline.rpc.server import Server, ServerOptions
+from coralline.telemetry.metrics import RouterMetrics
+from coralline.telemetry.tracing import carrier_of_metadata
 
 log = logging.getLogger("coralline.front")
 
@@ -49,10 +52,12 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 class FrontServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, handle) -> None:
+    def __init__(self, handle, metrics: RouterMetrics | None = None) -> None:
         self.handle = handle  # DeploymentHandle of the router deployment
         self._stream = handle.options(stream=True)
         self._cancels: set[asyncio.Task] = set()
+        self.metrics = metrics  # what clients see (the router's Prometheus numbers)
+        self.running = 0
 
     async def Generate(self, request, context):
         if not request.session_id:
@@ -60,18 +65,37 @@ class FrontServicer(generation_pb2_grpc.GenerationServicer):
             named.CopyFrom(request)
             named.session_id = uuid.uuid4().hex
             request = named
-        responses = self._stream.Generate.remote(request)
-        done = False
+        # the client's trace context (if any) goes to the replica, which opens the spans
+        parent = carrier_of_metadata(context.invocation_metadata()) or None
+        responses = self._stream.Generate.remote(request, trace_context=parent)
+        done, outcome, failovers = False, "cancelled", 0
+        t0 = last = time.perf_counter()
+        first = True
+        self.running += 1
         try:
             async for response in responses:
+                if self.metrics is not None:
+                    now = time.perf_counter()
+                    self.metrics.chunk(
+                        len(response.token_ids), now - last, now - t0 if first else None
+                    )
+                    first, last = False, now
+                    if response.HasField("summary"):
+                        failovers = response.summary.failovers
                 yield response
-            done = True
+            done, outcome = True, "finished"
         except asyncio.CancelledError:
             raise
         except Exception as e:
             done = True
-            raise _unwrap(e) from None
+            e = _unwrap(e)
+            cancelled = isinstance(e, ServiceError) and e.code == grpc.StatusCode.CANCELLED
+            outcome = "cancelled" if cancelled else "failed"
+            raise e from None
         finally:
+            self.running -= 1
+            if self.metrics is not None:
+                self.metrics.request_done(outcome, time.perf_counter() - t0, failovers)
             if not done:  # the client went away (or the server stops): stop the session
                 responses.cancel()
                 task = asyncio.get_running_loop().create_task(self._cancel(request.session_id))
@@ -99,8 +123,12 @@ class FrontServicer(generation_pb2_grpc.GenerationServicer):
             raise _unwrap(e) from None
 
 
-async def start_front(handle, options: ServerOptions) -> Server:
+async def start_front(handle, options: ServerOptions, metrics: bool = False):
+    """(server, servicer); metrics=True records RouterMetrics (servicer.metrics.registry)."""
     server = Server(options, SERVICE_NAMES)
-    generation_pb2_grpc.add_GenerationServicer_to_server(FrontServicer(handle), server.server)
+    servicer = FrontServicer(handle)
+    if metrics:
+        servicer.metrics = RouterMetrics(running=lambda: servicer.running)
+    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server.server)
     await server.start()
-    return server
+    return server, servicer

@@ -54,6 +54,10 @@ class StackConfig:
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     log_dir: str | None = None  # worker logs (default: a temporary folder)
     ray_cpus: int = 2
+    telemetry: bool = True  # every service traced into the live view, /metrics on each worker
+    dashboard_port: int = 8321  # the live view, the router's /metrics and the Prometheus HTTP
+    # service discovery of every /metrics (0 = a free port); on `host`
+    trace_file: str | None = None  # append every span there as OTLP/JSON lines (trace-report)
 
     def __post_init__(self) -> None:
         if self.ingress not in INGRESSES:
@@ -66,6 +70,8 @@ class StackConfig:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.dashboard_port < 65536:
+            raise ValueError(f"dashboard_port must be in [0, 65535], got {self.dashboard_port}")
 
 
 def _free_port() -> int:
@@ -89,11 +95,86 @@ class Stack:
         self._loop = None
         self._thread: threading.Thread | None = None
         self._ray = False
+        self.spans = None  # the live view's SpanStore (telemetry on)
+        self.receiver = None  # the OTLP receiver the services export to
+        self.live = None  # the live view's HTTP server
+        self._servicer = None  # the front's servicer (its RouterMetrics)
+
+    # ------------------------------------------------------------------ telemetry
+    def start_telemetry(self) -> None:
+        """The span store and the OTLP receiver every service exports to (before the workers:
+        their environment names it). The user's own OTLP endpoint, if set, still gets every
+        span: the receiver forwards them."""
+        if not self.config.telemetry or self.receiver is not None:
+            return
+        import os
+
+        from coralline.telemetry.live import SpanStore
+        from coralline.telemetry.receiver import OtlpReceiver
+        from coralline.telemetry.tracing import env_enabled
+
+        forward = None
+        if env_enabled():
+            forward = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+                "OTEL_EXPORTER_OTLP_ENDPOINT"
+            )
+        self.spans = SpanStore()
+        self.receiver = OtlpReceiver(self.spans.add, file=self.config.trace_file, forward=forward)
+        self.receiver.start()
+
+    def otel_env(self, service: str) -> dict[str, str]:
+        """What a service's process needs to trace into the receiver (empty: telemetry off)."""
+        if self.receiver is None:
+            return {}
+        from coralline.telemetry.tracing import SERVICES
+
+        return {
+            "OTEL_SDK_DISABLED": "false",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            "OTEL_SERVICE_NAME": SERVICES[service],
+            "OTEL_BSP_SCHEDULE_DELAY": "500",  # ms: the live view sees a round within a second
+        }
+
+    def prometheus_targets(self) -> list[dict]:
+        """Prometheus HTTP service discovery: every /metrics of the stack, with its service."""
+        from urllib.parse import urlparse
+
+        groups = []
+        for kind, procs in (("drafter", self.drafters), ("verifier", self.verifiers)):
+            for p in procs:
+                if p.metrics_url:
+                    url = urlparse(p.metrics_url)
+                    groups.append(
+                        {"targets": [url.netloc], "labels": {"service": kind, "worker": p.address}}
+                    )
+        if self.live is not None and self._servicer is not None:
+            router = f"{self.config.host}:{self.live.port}"
+            groups.append({"targets": [router], "labels": {"service": "router"}})
+        return groups
+
+    def start_live(self) -> str:
+        """The live view on dashboard_port (after the router: it serves the router's metrics)."""
+        if self.spans is None:
+            return ""
+        from coralline.telemetry.live import LiveServer
+
+        metrics = getattr(self._servicer, "metrics", None)
+        self.live = LiveServer(
+            self.spans,
+            self.config.host,
+            self.config.dashboard_port,
+            registry=metrics.registry if metrics is not None else None,
+            targets=self.prometheus_targets,
+        )
+        return self.live.start()
 
     # ------------------------------------------------------------------ workers
     def _worker_args(self) -> list[str]:
         cfg = self.config
-        return ["--model", cfg.model, "--device", cfg.device]
+        metrics = ["--metrics-port", "0"] if cfg.telemetry else []
+        return ["--model", cfg.model, "--device", cfg.device, *metrics]
 
     def _verifier_args(self) -> list[str]:
         cfg = self.config
@@ -104,12 +185,22 @@ class Stack:
         """Start every worker process at once (from this thread), then wait for all."""
         cfg = self.config
         extra = ["--draft-checkpoint", cfg.draft_checkpoint] if cfg.draft_checkpoint else []
+        self.start_telemetry()
         for _ in range(cfg.drafters):
             self.drafters.append(
-                ServerProcess("drafter", [*self._worker_args(), *extra], self.log_dir)
+                ServerProcess(
+                    "drafter",
+                    [*self._worker_args(), *extra],
+                    self.log_dir,
+                    self.otel_env("drafter"),
+                )
             )
         for _ in range(cfg.verifiers):
-            self.verifiers.append(ServerProcess("verifier", self._verifier_args(), self.log_dir))
+            self.verifiers.append(
+                ServerProcess(
+                    "verifier", self._verifier_args(), self.log_dir, self.otel_env("verifier")
+                )
+            )
         for p in [*self.drafters, *self.verifiers]:
             p.wait_ready(timeout_s)
 
@@ -143,7 +234,10 @@ class Stack:
             configure_logging=False,
             log_to_driver=False,
             namespace="coralline",
-            runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
+            runtime_env={
+                "worker_process_setup_hook": LOOPBACK_HOOK,
+                "env_vars": self.otel_env("router"),  # the replicas trace into the live view
+            },
         )
         self._ray = True
         if ingress == "proxy":
@@ -175,8 +269,10 @@ class Stack:
 
         async def main() -> None:
             try:
-                self._front = await start_front(
-                    handle, ServerOptions(host=self.config.host, port=self.config.port)
+                self._front, self._servicer = await start_front(
+                    handle,
+                    ServerOptions(host=self.config.host, port=self.config.port),
+                    metrics=self.config.telemetry,
                 )
                 self.address = self._front.address
             except BaseException as e:
@@ -197,6 +293,7 @@ class Stack:
         try:
             self.start_workers()
             self.start_router()
+            self.start_live()
         except BaseException:
             self.stop()
             raise
@@ -207,6 +304,12 @@ class Stack:
         self.stop_router()
         for p in [*self.verifiers, *self.drafters]:
             p.stop()
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None
 
     def stop_router(self) -> None:
         """The front, Serve and Ray (the workers keep running: start_router() again)."""
@@ -221,7 +324,7 @@ class Stack:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop.close()
-            self._front = self._loop = None
+            self._front = self._loop = self._servicer = None
         if self._ray:
             import ray
             from ray import serve
@@ -240,6 +343,16 @@ class Stack:
             lines.append(f"  verifier {p.address} pid {p.pid}")
         store = self.config.redis or "memory (in the router replica)"
         lines.append(f"  sessions {store}; logs {self.log_dir}")
+        if self.live is not None:
+            lines.append(
+                f"  live view {self.live.url} (metrics {self.live.url}metrics, Prometheus "
+                f"targets {self.live.url}prometheus/targets)"
+            )
+        for p in [*self.drafters, *self.verifiers]:
+            if p.metrics_url:
+                lines.append(f"  {p.kind:8} metrics {p.metrics_url}")
+        if self.config.trace_file:
+            lines.append(f"  spans appended to {self.config.trace_file} (coralline trace-report)")
         return lines
 
 

@@ -29,9 +29,13 @@ Knows nothing about gRPC or the engine beyond the numbers it is handed.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 PREFIX = "coralline:"
 
@@ -264,7 +268,25 @@ class RouterMetrics:
             self.failovers.inc(failovers)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # no line per scrape on stderr
+        pass
+
+
 def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
-    """Serve `registry` on http://host:port/metrics in a daemon thread; returns (server, port)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    """Serve `registry` on http://host:port/metrics in a daemon thread; returns (server, port).
+
+    Always in the 0.0.4 text format: Prometheus 2.x asks for OpenMetrics, whose encoder in
+    prometheus_client writes `coralline:x` as `coralline_x` in the sample lines but not in the
+    TYPE lines (prometheus/client_python#1177), and no dashboard query would find the data."""
+    app = make_wsgi_app(registry)
+
+    def text_format(environ, start_response):
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(host, port, text_format, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_address[1]

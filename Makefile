@@ -85,13 +85,14 @@ SERVE_ARGS ?=
 serve: install model ## Start the whole stack on loopback (public port 50051) and wait; Ctrl-C stops it (SERVE_ARGS="--verifiers 2 ...")
 	$(PY) -m coralline.cli serve $(SERVE_ARGS)
 
-bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline, router benches, in $(BENCH_OUT)
+bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline, router, telemetry benches, in $(BENCH_OUT)
 	$(PY) -m coralline.cli bench all --out $(BENCH_OUT)
 	$(PY) -m coralline.cli bench verifiers --out $(BENCH_OUT)/verifiers.json
 	$(PY) -m coralline.cli bench engine --out $(BENCH_OUT)/engine.json
 	$(PY) -m coralline.cli bench coral --out $(BENCH_OUT)/coral.json
 	$(PY) -m coralline.cli bench pipeline --out $(BENCH_OUT)/pipeline.json
 	$(PY) -m coralline.cli bench router --out $(BENCH_OUT)/router.json
+	$(PY) -m coralline.cli bench telemetry --out $(BENCH_OUT)/telemetry.json
 
 bench-quick: install model ## The side-by-side bench in its quick mode (what CI runs), in $(BENCH_OUT)/quick
 	$(PY) -m coralline.cli bench all --quick --out $(BENCH_OUT)/quick

@@ -302,6 +302,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             checkpoint=args.draft_checkpoint,
             command="coralline " + " ".join(sys.argv[1:]),
         )
+    elif args.what == "telemetry":
+        from coralline.bench import telemetry as telemetry_bench
+
+        cfg = telemetry_bench.TelemetryBenchConfig
+        over = {
+            k: v
+            for k, v in {
+                "prompts": args.prompts,
+                "repeats": args.repeats,
+                "max_new_tokens": args.max_new_tokens,
+                "model": args.model,
+            }.items()
+            if v is not None
+        }
+        telemetry_bench.main(
+            args.out or "bench/out/telemetry.json",
+            cfg.quick(**over) if args.quick else cfg(**over),
+            command="coralline " + " ".join(sys.argv[1:]),
+        )
     return 0
 
 
@@ -629,13 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
         "engine / coral: focused benchmarks -> a JSON file at --out. pipeline: drafter + "
         "verifier processes on loopback (also with --delay-ms on the drafter link) vs the "
         "in-process engine. router: the router's overhead per token, first chunk, concurrent "
-        "clients and cancellation, front vs Serve's gRPC proxy (Ray on loopback).",
+        "clients and cancellation, front vs Serve's gRPC proxy (Ray on loopback). telemetry: "
+        "tokens/s with tracing + metrics on vs off, same prompts, one run.",
     )
     b.add_argument(
         "what",
         nargs="?",
         default="all",
-        choices=["all", "verifiers", "engine", "coral", "pipeline", "router"],
+        choices=["all", "verifiers", "engine", "coral", "pipeline", "router", "telemetry"],
     )
     b.add_argument("--out", default=None, help="all: a folder (bench/out); others: a JSON file")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (what CI runs)")

@@ -319,9 +319,12 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
 
 
-async def start_drafter(config: DrafterServiceConfig) -> tuple[Server, DrafterService]:
-    """Build the service, bind, start; returns (server, service). `server.address` is set."""
-    service = DrafterService(config)
+async def start_drafter(
+    config: DrafterServiceConfig, tracing: Tracing | None = None
+) -> tuple[Server, DrafterService]:
+    """Build the service, bind, start; returns (server, service). `server.address` is set.
+    tracing: default from the OTEL_* variables."""
+    service = DrafterService(config, tracing)
     server = Server(config.server, [SERVICE_NAME])
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(service, server.server)
     await server.start()

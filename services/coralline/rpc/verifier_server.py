@@ -641,13 +641,16 @@ def _release_holder(url: str, address) -> Callable[[str], None]:
 
 
 async def start_verifier(
-    config: VerifierServiceConfig, on_evict: Callable[[str], None] | None = None
+    config: VerifierServiceConfig,
+    on_evict: Callable[[str], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[Server, VerifierCore]:
+    """tracing: default from the OTEL_* variables."""
     server = Server(config.server, SERVICE_NAMES)
     if on_evict is None and config.sessions_url:
         advertised = config.server.advertise
         on_evict = _release_holder(config.sessions_url, lambda: advertised or server.address)
-    core = VerifierCore(config, on_evict)
+    core = VerifierCore(config, on_evict, tracing)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(core), server.server)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server.server)
     await server.start()

@@ -87,17 +87,16 @@ def _exporters(env: Mapping[str, str]) -> list:
     out = []
     for name in filter(None, names):
         if name == "otlp":
-            protocol = env.get(
-                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-            )
+            var = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+            if var not in env:
+                var = "OTEL_EXPORTER_OTLP_PROTOCOL"
+            protocol = env.get(var, "grpc")
             if protocol == "grpc":
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
             elif protocol == "http/protobuf":
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             else:
-                raise ValueError(
-                    f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf"
-                )
+                raise ValueError(f"{var}={protocol!r}: use grpc or http/protobuf")
             out.append(OTLPSpanExporter())
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
@@ -131,6 +130,8 @@ class Tracing:
     def from_env(cls, service: str, processors: Iterable = ()) -> Tracing:
         """Exporters from the OTEL_* variables (batched), plus `processors` (span processors
         of the caller's, e.g. the live view's). Off when neither applies."""
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls.disabled()  # the SDK would hand out a no-op tracer anyway
         processors = list(processors)
         exporters = _exporters(os.environ) if env_enabled() else []
         if not exporters and not processors:
@@ -151,9 +152,10 @@ class Tracing:
             "service.version": coralline.__version__,
             "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
         }
-        if not os.environ.get("OTEL_SERVICE_NAME"):
-            attrs["service.name"] = service  # OTEL_SERVICE_NAME wins when set
-        provider = TracerProvider(resource=Resource.create(attrs))
+        resource = Resource.create(attrs)  # + OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": service}))  # our default
+        provider = TracerProvider(resource=resource)
         for p in processors:
             provider.add_span_processor(p)
         return cls(provider)

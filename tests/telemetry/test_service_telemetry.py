@@ -408,6 +408,25 @@ def test_metrics_endpoints_agree_with_the_summary(services):
     assert d1[("coralline:drafter_queue_depth", ())] == 0
 
 
+def test_a_refused_request_is_counted_and_traced_as_rejected(services):
+    services.wait_idle()
+    before = services.mark()
+    v0 = _scrape(services.vserver.metrics_url)
+    sid = f"refused-{uuid.uuid4().hex[:8]}"
+    req = verifier_pb2.VerifyRequest(
+        session_id=sid, prompt_ids=PROMPT, max_new_tokens=N, drafter="no-such-drafter"
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(services.ver.Generate(req, timeout=30))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    v1 = _scrape(services.vserver.metrics_url)
+    assert _delta(v1, v0, "coralline:requests_total", outcome="rejected") == 1
+    failed = ("coralline:requests_total", (("outcome", "failed"),))
+    assert v1.get(failed, 0.0) == v0.get(failed, 0.0)
+    span = _one(services.spans(before), tr.VERIFIER_RPC, **{"specdec.outcome": "rejected"})
+    assert span.status == "ERROR" and "no-such-drafter" in span.status_message
+
+
 # ---------------------------------------------------------------------- through the router
 def test_a_router_request_is_one_trace_across_three_services(services):
     services.wait_idle()

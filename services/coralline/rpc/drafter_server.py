@@ -87,12 +87,11 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
 
         self.config = config
         self.tracing = tracing or Tracing.from_env(tr.SERVICES["drafter"])
-        self._queued = 0  # proposals waiting for a drafting thread
-        self._queue_lock = threading.Lock()
         self.metrics = None
         if config.metrics_port is not None:
             self.metrics = DrafterMetrics(
-                sessions=lambda: len(self._sessions), queue=lambda: self._queued
+                sessions=lambda: len(self._sessions),
+                queue=lambda: self._pool._work_queue.qsize(),
             )
         self.weights = load_token_weights(config.model, _DTYPES[config.dtype], config.device)
         self.fingerprint = self.weights.fingerprint
@@ -192,8 +191,6 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
 
     def _propose(self, session: _Session, step: DraftInput, parent) -> drafter_pb2.DraftResponse:
         """Runs in a pool thread. parent: the round's trace context (None: not traced)."""
-        with self._queue_lock:
-            self._queued -= 1
         watched = self.metrics is not None or self.tracing.enabled
         start_ns, t0 = time.time_ns(), time.perf_counter_ns()
         drafter = session.drafter
@@ -282,8 +279,6 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
                 parent = None
                 if stream is not None:  # the verifier's round span, else the stream's
                     parent = dict(getattr(msg, kind).trace_context) or stream
-                with self._queue_lock:
-                    self._queued += 1
                 yield await loop.run_in_executor(self._pool, self._propose, session, step, parent)
         except asyncio.CancelledError:
             why = "cancelled"

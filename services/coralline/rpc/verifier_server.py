@@ -260,6 +260,19 @@ class VerifierCore:
         parent=None,
         rpc: str = tr.VERIFIER_RPC,
     ) -> _Live:
+        """A running session; a refused request is counted and traced as `rejected`."""
+        tel = self._telemetry(rpc, parent, session_id, params, drafter, len(prompt))
+        try:
+            args = (session_id, prompt, params, drafter, endpoint, verifier, retain)
+            return self._start_session(*args, tel)
+        except Exception as e:
+            if tel is not None:
+                tel.end("rejected", error=e)
+            raise
+
+    def _start_session(
+        self, session_id, prompt, params, drafter, endpoint, verifier, retain, tel
+    ) -> _Live:
         cfg, target = self.config, self.target
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the verifier is shutting down")
@@ -291,7 +304,8 @@ class VerifierCore:
             )
         retained = self._take(session_id)  # (runner, turns) of its retained cache, or None
         self._enforce_retain_bounds()  # the other idle caches (a no-op unless bounds changed)
-        tel = self._telemetry(rpc, parent, session_id, params, name, len(prompt))
+        if tel is not None:
+            tel.named(session_id, name)
         try:
             runner, turn = (retained[0], retained[1] + 1) if retained else (target.fork(), 1)
             remote = self._remote(name, endpoint, session_id, turn, tel)
@@ -302,11 +316,9 @@ class VerifierCore:
                     engine.on_round_start = tel.round_started
             # validates the pair before anything runs; reuse keeps the cache's common prefix
             gen = engine.generate(prompt, params, reuse_cache=retained is not None)
-        except Exception as e:
+        except Exception:
             if retained is not None:  # nothing ran: the cache is still good
                 self._retain(session_id, *retained)
-            if tel is not None:
-                tel.end("failed", error=e)
             raise
         record = SessionRecord(session_id, len(prompt), name, prompt_ids=list(prompt), turns=turn)
         self.store.create(record)
@@ -331,8 +343,6 @@ class VerifierCore:
         attrs = {}
         if self.tracing.enabled:
             attrs = tr.genai_request_attributes("text_completion", self.config.model, params)
-            attrs["specdec.session_id"] = session_id
-            attrs["specdec.drafter"] = drafter
         return SessionTelemetry(
             self.tracing,
             self.metrics,

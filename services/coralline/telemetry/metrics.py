@@ -190,8 +190,8 @@ class VerifierMetrics:
         self.ttft_s.observe(seconds)
 
     def request_done(self, outcome: str, finish_reason: str, seconds: float) -> None:
-        """outcome: finished / cancelled / failed; finish_reason: eos / length / stop / context
-        for finished requests."""
+        """outcome: finished / cancelled / failed / rejected; finish_reason: eos / length /
+        stop / context for finished requests."""
         self.requests.labels(outcome=outcome).inc()
         if outcome == "finished":
             self.success.labels(finished_reason=finish_reason).inc()

@@ -39,6 +39,11 @@ class SessionTelemetry:
         if self.tracing is not None:
             self.span = self.tracing.start(rpc, parent, "SERVER", attributes)
 
+    def named(self, session_id: str, drafter: str) -> None:
+        """The session's id and drafter, once the verifier has resolved them."""
+        if self.span is not None:
+            self.span.set_attributes({"specdec.session_id": session_id, "specdec.drafter": drafter})
+
     # ------------------------------------------------------------------ rounds
     def round_started(self, number: int) -> None:
         """Engine.on_round_start (in the round's thread, before the proposal is asked for)."""
@@ -112,7 +117,8 @@ class SessionTelemetry:
 
     # ------------------------------------------------------------------ the end
     def end(self, outcome: str, summary=None, error: BaseException | str | None = None) -> None:
-        """outcome: finished / cancelled / failed; summary: engine.Summary when finished."""
+        """outcome: finished / cancelled / failed / rejected (refused before it ran: bad
+        request, full, draining); summary: engine.Summary when finished."""
         if self.round is not None:  # the round in flight when it was cancelled or failed
             self.round.end()
             self.round = None
@@ -135,7 +141,7 @@ class SessionTelemetry:
                 "specdec.verifier": summary.verifier,
                 "gen_ai.request.seed": summary.seed,
             })  # fmt: skip
-        if error is not None and outcome != "cancelled":
+        if error is not None and outcome in ("failed", "rejected"):
             tr.set_error(self.span, error)
         self.span.set_attribute("specdec.outcome", outcome)
         self.span.end()

@@ -32,3 +32,21 @@ def redis_url(tmp_path_factory):
 
     with own_redis(tmp_path_factory.mktemp("redis"), "--appendonly", "no") as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """(target folder, CORAL head folder) for a tiny Llama (V = 8, 256-token context)."""
+    from coralline.draft.coral import CoralHead, config_for_target
+
+    from .tiny import tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_llama(8, seed=21, scale=3.0)  # V = 8: tests/rpc and tests/telemetry
+    model.save_pretrained(root / "target")
+    torch.manual_seed(5)
+    head = CoralHead(config_for_target(model, "tiny", num_groups=4, active_groups=2))
+    head.attach(model)
+    head.init_groups()
+    head.save(root / "head")
+    return str(root / "target"), str(root / "head")

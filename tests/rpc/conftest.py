@@ -1,11 +1,9 @@
-"""Fixtures: a tiny random Llama saved as a model folder, a CORAL head for it, and the real
-drafter + verifier services over loopback gRPC on a background event loop."""
+"""Fixtures: the real drafter + verifier services over loopback gRPC on a background event loop,
+on the tiny model folders of tests/conftest.py (`tiny_folders`)."""
 
 import grpc
 import pytest
-import torch
 
-from coralline.draft.coral import CoralHead, config_for_target
 from coralline.rpc.drafter_server import DrafterServiceConfig, start_drafter
 from coralline.rpc.protos import (
     drafter_pb2_grpc,
@@ -15,24 +13,9 @@ from coralline.rpc.protos import (
 from coralline.rpc.server import ServerOptions
 from coralline.rpc.verifier_server import VerifierServiceConfig, start_verifier
 
-from ..tiny import tiny_llama
 from .servers import LoopThread
 
 VOCAB = 8
-
-
-@pytest.fixture(scope="session")
-def tiny_folders(tmp_path_factory):
-    """(target folder, CORAL head folder) for a tiny Llama (V = 8, 256-token context)."""
-    root = tmp_path_factory.mktemp("tiny")
-    model = tiny_llama(VOCAB, seed=21, scale=3.0)
-    model.save_pretrained(root / "target")
-    torch.manual_seed(5)
-    head = CoralHead(config_for_target(model, "tiny", num_groups=4, active_groups=2))
-    head.attach(model)
-    head.init_groups()
-    head.save(root / "head")
-    return str(root / "target"), str(root / "head")
 
 
 class Stack:

@@ -15,10 +15,8 @@ import uuid
 
 import grpc
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from coralline.draft.coral import CoralHead, config_for_target
 from coralline.router.core import RouterConfig, RouterCore
 from coralline.rpc import drafter_server, verifier_server
 from coralline.rpc.drafter_server import DrafterService, DrafterServiceConfig
@@ -41,7 +39,6 @@ from coralline.telemetry.spans import from_sdk
 from coralline.telemetry.tracing import Tracing
 
 from ..rpc.servers import LoopThread
-from ..tiny import tiny_llama
 
 VOCAB = 8
 PROMPT = [1, 6, 3, 2, 5]
@@ -50,20 +47,6 @@ ROUTER, VERIFIER, DRAFTER = (tr.SERVICES[k] for k in ("router", "verifier", "dra
 
 
 # ---------------------------------------------------------------------- the services
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """(target folder, CORAL head folder): the tiny Llama of tests/rpc (V = 8)."""
-    root = tmp_path_factory.mktemp("tiny-telemetry")
-    model = tiny_llama(VOCAB, seed=21, scale=3.0)
-    model.save_pretrained(root / "target")
-    torch.manual_seed(5)
-    head = CoralHead(config_for_target(model, "tiny", num_groups=4, active_groups=2))
-    head.attach(model)
-    head.init_groups()
-    head.save(root / "head")
-    return str(root / "target"), str(root / "head")
-
-
 class Services:
     """A drafter and a verifier with their own in-memory Tracing and a /metrics port each."""
 
@@ -148,8 +131,8 @@ class Services:
 
 
 @pytest.fixture(scope="module")
-def services(folders):
-    s = Services(folders)
+def services(tiny_folders):
+    s = Services(tiny_folders)
     yield s
     s.stop()
 

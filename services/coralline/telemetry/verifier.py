@@ -47,7 +47,7 @@ class SessionTelemetry:
     # ------------------------------------------------------------------ rounds
     def round_started(self, number: int) -> None:
         """Engine.on_round_start (in the round's thread, before the proposal is asked for)."""
-        if self.tracing is None:
+        if self.tracing is None or self.span is None:  # off, or the request has ended
             return
         self.round = self.tracing.start(tr.VERIFIER_ROUND, self.span, attributes={
             "specdec.round": number})  # fmt: skip

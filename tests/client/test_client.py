@@ -69,6 +69,8 @@ def _responses(session_id: str) -> list[generation_pb2.GenerateResponse]:
         r.stats.fallback = "late" if i == 1 else ""
         r.stats.bytes_to_drafter = 100 + i
         r.stats.bytes_from_drafter = 200 + i
+        r.stats.forward_ns, r.stats.accept_ns, r.stats.commit_ns = 2_000_000, 700_000, 300_000
+        r.stats.drafter_ns, r.stats.tree_depth = 1_000_000, 3
         if i == len(CHUNKS) - 1:
             r.summary.CopyFrom(_summary())
         out.append(r)
@@ -264,6 +266,11 @@ def _check_chunks(chunks: list[cc.Chunk]) -> None:
         fallback=None,
         bytes_to_drafter=100,
         bytes_from_drafter=200,
+        forward_ms=2.0,
+        accept_ms=0.7,
+        commit_ms=0.3,
+        drafter_ms=1.0,
+        tree_depth=3,
     )
     assert chunks[1].stats is not None and chunks[1].stats.fallback == "late"
 

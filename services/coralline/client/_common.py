@@ -242,6 +242,11 @@ def stats_from_pb(msg: common_pb2.RoundStats) -> RoundStats:
         fallback=msg.fallback or None,
         bytes_to_drafter=msg.bytes_to_drafter,
         bytes_from_drafter=msg.bytes_from_drafter,
+        forward_ms=_ms(msg.forward_ns),
+        accept_ms=_ms(msg.accept_ns),
+        commit_ms=_ms(msg.commit_ns),
+        drafter_ms=_ms(msg.drafter_ns),
+        tree_depth=msg.tree_depth,
     )
 
 

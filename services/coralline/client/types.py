@@ -23,6 +23,12 @@ class RoundStats:
     fallback: str | None  # why the proposal was replaced by the root alone; None when it was not
     bytes_to_drafter: int
     bytes_from_drafter: int
+    # verify_ms by phase, and the drafter's own time (draft_ms - drafter_ms: network, queueing)
+    forward_ms: float = 0.0  # the target's forward over the tree
+    accept_ms: float = 0.0  # warping + verification
+    commit_ms: float = 0.0  # keeping the accepted path in the KV cache
+    drafter_ms: float = 0.0  # drafting inside the drafter (0: no proposal this round)
+    tree_depth: int = 0  # the deepest node of the tree (0 = the root alone)
 
 
 @dataclass(frozen=True)

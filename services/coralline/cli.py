@@ -831,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from coralline.rpc.process import die_with_parent
+
+    die_with_parent()  # a child of ServerProcess: dies with the process that started it
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

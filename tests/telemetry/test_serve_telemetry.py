@@ -1,7 +1,8 @@
 """Telemetry of a real `coralline serve` run (the CLI in its own process: a drafter, a verifier,
 a Ray Serve router, the front, SmolLM2), seen the way operators see it:
-  - OTLP/gRPC: serve forwards every span to the collector named by OTEL_EXPORTER_OTLP_ENDPOINT
-    (here an OTLP receiver in the test process); one request = one trace with spans of the
+  - OTLP/gRPC: serve (whose services export to its own OTLP/HTTP receiver) forwards every span
+    to the collector named by OTEL_EXPORTER_OTLP_ENDPOINT (here an OTLP/gRPC receiver in the test
+    process); one request = one trace with spans of the
     router, the verifier and the drafter, one verifier.round span per round, each drafter.round
     the child of its verifier.round;
   - Prometheus: every service's /metrics over HTTP, then a real Prometheus server discovering
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from coralline.client import Client
-from coralline.rpc.process import _die_with_parent
+from coralline.rpc.process import die_with_parent_env
 from coralline.telemetry import tracing as tr
 from coralline.telemetry.receiver import OtlpReceiver
 
@@ -54,12 +55,16 @@ class Serve:
 
 
 class Collector:
-    """The test's OTLP receiver: what a user's collector would get."""
+    """The test's OTLP/gRPC receiver: what a user's collector would get. It starts only after
+    serve is launched: a gRPC server's threads in a process that forks can kill the child
+    before exec (telemetry/receiver.py)."""
 
     def __init__(self) -> None:
         self.spans: list = []
         self.lock = threading.Lock()
-        self.receiver = OtlpReceiver(self.add)
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.receiver = OtlpReceiver(self.add, port=self.port, transport="grpc")
 
     def add(self, spans) -> None:
         with self.lock:
@@ -75,7 +80,6 @@ class Collector:
 @pytest.fixture(scope="module")
 def collector():
     c = Collector()
-    c.receiver.start()
     yield c
     c.receiver.stop()
 
@@ -85,14 +89,13 @@ def serve(collector, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-telemetry")
     port, dashboard = _free_port(), _free_port()
     trace_file = tmp / "spans.jsonl"
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=collector.receiver.endpoint)
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, **die_with_parent_env())
     cmd = [sys.executable, "-m", "coralline.cli", "serve", "--port", str(port)]
     cmd += ["--dashboard-port", str(dashboard), "--trace-file", str(trace_file)]
     cmd += ["--log-dir", str(tmp / "logs")]
     with open(tmp / "serve.err", "w") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, preexec_fn=_die_with_parent
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    collector.receiver.start()  # after the fork (serve forwards only once requests flow)
     lines: list[str] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

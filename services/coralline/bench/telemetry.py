@@ -2,9 +2,9 @@
 
 Two identical pipelines side by side on loopback, each a `coralline drafter` and a
 `coralline verifier` process (CORALLINE_THREADS=1) and a RouterCore in this process:
-  on   every service traces (OTLP/gRPC, batched, to an OTLP receiver in this process that decodes
-       and stores every span, as the live view does) and records Prometheus metrics, scraped
-       over HTTP every second (as Prometheus would);
+  on   every service traces (OTLP/HTTP protobuf, batched, to an OTLP receiver in this process
+       that decodes and stores every span, as `coralline serve`'s live view does) and records
+       Prometheus metrics, scraped over HTTP every second (as Prometheus would);
   off  no OTEL_* variables, no metrics port: the defaults.
 The same prompts run greedily through both, interleaved prompt by prompt with the order
 alternating, so drift of the machine touches both alike. Reported: tokens/s at the client per
@@ -116,7 +116,7 @@ def run(cfg: TelemetryBenchConfig, command: str = "") -> dict:
     env = {
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": receiver.protocol,
     }
     log_dir = Path(tempfile.mkdtemp(prefix="coralline-bench-telemetry-"))
     procs = []
@@ -126,10 +126,10 @@ def run(cfg: TelemetryBenchConfig, command: str = "") -> dict:
         procs += on
         off = _pipeline(log_dir, cfg.model, None, metrics=False)
         procs += off
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+        exporter = OTLPSpanExporter(endpoint=endpoint)
         router_tracing = Tracing.with_processors(
             tr.SERVICES["router"], [BatchSpanProcessor(exporter)]
         )

@@ -113,13 +113,22 @@ class Stack:
         from coralline.telemetry.receiver import OtlpReceiver
         from coralline.telemetry.tracing import env_enabled
 
-        forward = None
+        env, forward = os.environ, None
         if env_enabled():
-            forward = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+            forward = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
                 "OTEL_EXPORTER_OTLP_ENDPOINT"
             )
+        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+        )
         self.spans = SpanStore()
-        self.receiver = OtlpReceiver(self.spans.add, file=self.config.trace_file, forward=forward)
+        # OTLP/HTTP: no gRPC server in this process, which forks workers and Ray's raylet later
+        self.receiver = OtlpReceiver(
+            self.spans.add,
+            file=self.config.trace_file,
+            forward=forward,
+            forward_protocol="http/protobuf" if protocol == "http/protobuf" else "grpc",
+        )
         self.receiver.start()
 
     def otel_env(self, service: str) -> dict[str, str]:
@@ -132,7 +141,7 @@ class Stack:
             "OTEL_SDK_DISABLED": "false",
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.receiver.endpoint,
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": self.receiver.protocol,
             "OTEL_SERVICE_NAME": SERVICES[service],
             "OTEL_BSP_SCHEDULE_DELAY": "500",  # ms: the live view sees a round within a second
         }

@@ -18,13 +18,28 @@ import threading
 import time
 from pathlib import Path
 
+DIE_WITH_PARENT = "CORALLINE_DIE_WITH_PARENT"  # the starting process's pid, for the child
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when the process that started it dies, however it dies
-    (no orphan servers after a crashed `coralline serve` or test run). The signal follows the
-    THREAD that started the child: start servers from a thread that outlives them."""
+
+def die_with_parent_env() -> dict[str, str]:
+    """Environment for a `coralline` child that must die with this process (see below)."""
+    return {DIE_WITH_PARENT: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """Linux, in the child, first thing (`coralline` CLI main): SIGKILL when the process that
+    started it dies, however it dies (no orphan servers after a crashed `coralline serve` or
+    test run). The signal follows the THREAD that started the child: start servers from a
+    thread that outlives them. Armed in the child rather than in a `preexec_fn`: a preexec_fn
+    forces a plain fork that runs Python (and gRPC's fork handlers) in the child, which can
+    kill it before exec while gRPC threads are busy in the parent."""
+    parent = os.environ.pop(DIE_WITH_PARENT, "")
+    if not parent:
+        return
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the parent died before the signal was armed
+        os._exit(1)
 
 
 class ServerProcess:
@@ -40,6 +55,7 @@ class ServerProcess:
         self.kind = kind
         self.log = log_dir / f"{kind}-{time.time_ns()}.log"
         env = dict(os.environ, CORALLINE_THREADS="1", CORALLINE_LOG="INFO", **(env or {}))
+        env.update(die_with_parent_env())
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coralline.cli", kind, "--port", "0", *args],
@@ -48,7 +64,6 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 text=True,
                 env=env,
-                preexec_fn=_die_with_parent,
             )
         self.address = ""
         self.metrics_url = ""  # its Prometheus endpoint, when started with --metrics-port

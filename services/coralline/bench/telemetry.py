@@ -2,8 +2,8 @@
 
 Two identical pipelines side by side on loopback, each a `coralline drafter` and a
 `coralline verifier` process (CORALLINE_THREADS=1) and a RouterCore in this process:
-  on   every service traces (OTLP/HTTP protobuf, batched, to an OTLP receiver in this process
-       that decodes and stores every span, as `coralline serve`'s live view does) and records
+  on   every service traces (OTLP/gRPC, batched, to an OTLP receiver in this process that
+       decodes and stores every span, as `coralline serve`'s live view does) and records
        Prometheus metrics, scraped over HTTP every second (as Prometheus would);
   off  no OTEL_* variables, no metrics port: the defaults.
 The same prompts run greedily through both, interleaved prompt by prompt with the order
@@ -111,7 +111,9 @@ def run(cfg: TelemetryBenchConfig, command: str = "") -> dict:
     prompts = _prompts(tokenizer, cfg.prompts)
     ids = [prompt_ids(tokenizer, p, True) for _, p in prompts]
     store = SpanStore(max_traces=100_000)
-    receiver = OtlpReceiver(store.add)
+    # OTLP/gRPC, the exporters' default protocol (ServerProcess children exec without running
+    # fork handlers, so a gRPC server here is safe)
+    receiver = OtlpReceiver(store.add, transport="grpc")
     endpoint = receiver.start()
     env = {
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -126,10 +128,10 @@ def run(cfg: TelemetryBenchConfig, command: str = "") -> dict:
         procs += on
         off = _pipeline(log_dir, cfg.model, None, metrics=False)
         procs += off
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        exporter = OTLPSpanExporter(endpoint=endpoint)
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
         router_tracing = Tracing.with_processors(
             tr.SERVICES["router"], [BatchSpanProcessor(exporter)]
         )

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from coralline.rpc.process import stop_process
+
 LOG_TAIL = 3000
 
 
@@ -143,13 +145,8 @@ class OwnPrometheus:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, 10.0)
 
     def _log_tail(self) -> str:
         try:

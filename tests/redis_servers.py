@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from coralline.rpc.process import stop_process
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -71,13 +73,8 @@ class OwnRedis:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, 10.0)
 
 
 @contextlib.contextmanager

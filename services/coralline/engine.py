@@ -231,7 +231,7 @@ class Engine:
                 accept_ms=(tv - tf) * 1e3,
                 commit_ms=(t2 - tv) * 1e3,
                 start_ns=start_ns,
-                tree_depth=int(tree.depth.max()) if tree.num_nodes > 1 else 0,
+                tree_depth=tree.max_depth,
                 prefill_ms=prefill_ms if rounds == 1 else 0.0,
             )
             if finish is None:

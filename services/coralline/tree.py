@@ -141,6 +141,11 @@ class TokenTree:
         return torch.tensor(d, dtype=torch.int64)
 
     @cached_property
+    def max_depth(self) -> int:
+        """The deepest node's depth (0 = the root alone)."""
+        return int(self.depth.max()) if self.num_nodes > 1 else 0
+
+    @cached_property
     def children(self) -> tuple[tuple[int, ...], ...]:
         """children[i]: node indices of i's children, in node order (= drafting order)."""
         kids: list[list[int]] = [[] for _ in range(self.num_nodes)]

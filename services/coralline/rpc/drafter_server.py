@@ -221,7 +221,7 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
                     "specdec.session_id": session.session_id,
                     "specdec.drafter": session.name,
                     "specdec.tree_nodes": tree.num_nodes,
-                    "specdec.tree_depth": int(tree.depth.max()) if tree.num_nodes > 1 else 0,
+                    "specdec.tree_depth": tree.max_depth,
                 },
             )
             if hasattr(drafter, "timeline"):

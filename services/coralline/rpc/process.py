@@ -42,6 +42,18 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float) -> int | None:
+    """SIGTERM, up to grace_s seconds to exit, then SIGKILL; the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 class ServerProcess:
     """`python -m coralline.cli <kind> --port 0 ...` in its own process, stderr to a log file."""
 
@@ -113,11 +125,4 @@ class ServerProcess:
             return ""
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, 30.0)

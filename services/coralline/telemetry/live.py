@@ -27,7 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .spans import Span, to_otlp_json
+from .spans import Span, first_attr, root_of, to_otlp_json
 
 log = logging.getLogger("coralline.live")
 
@@ -41,15 +41,6 @@ FAVICON = (
 
 
 # ---------------------------------------------------------------------- summaries
-def root_of(spans: list[Span]) -> Span | None:
-    """The earliest span whose parent is not in the trace (the request's root, or the top of
-    what has arrived so far of a trace still growing)."""
-    ids = {s.span_id for s in spans}
-    roots = [s for s in spans if not s.parent_id or s.parent_id not in ids]
-    pool = roots or spans
-    return min(pool, key=lambda s: (s.start_ns, -s.end_ns)) if pool else None
-
-
 def _number(v) -> float | int | None:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
@@ -73,9 +64,7 @@ def summarize(spans: list[Span]) -> dict:
     def attr(key: str):
         """The root's value, else the earliest span's that has one (the verifier puts the
         request's totals on its own server span, under the router's root)."""
-        if key in root.attributes:
-            return root.attributes[key]
-        return next((s.attributes[key] for s in by_start if key in s.attributes), None)
+        return first_attr(root, by_start, key)
 
     rounds_spans = [s for s in spans if s.name == ROUND]
     rounds = _number(attr("specdec.rounds"))

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from .spans import Span, by_trace, read_otlp_json
+from .spans import Span, by_trace, first_attr, read_otlp_json, root_of
 from .tracing import (
     DRAFT_WAIT,
     DRAFTER_HEAD,
@@ -183,9 +183,7 @@ def _root(spans: list[Span]) -> Span | None:
     for s in spans:
         if s.service == ROUTER and s.kind == "SERVER" and s.name.startswith(REQUEST_OPERATIONS):
             return s
-    ids = {s.span_id for s in spans}
-    tops = [s for s in spans if not s.parent_id or s.parent_id not in ids] or spans
-    return min(tops, key=lambda s: (s.start_ns, -s.end_ns)) if tops else None
+    return root_of(spans)
 
 
 # ---------------------------------------------------------------------- rows
@@ -261,12 +259,6 @@ def round_rows(spans: list[Span]) -> list[dict]:
     return [row for _, group in by_trace(spans) for row in _trace_round_rows(group)]
 
 
-def _first_attr(root: Span | None, spans: list[Span], key: str) -> object:
-    if root is not None and key in root.attributes:
-        return root.attributes[key]
-    return next((s.attributes[key] for s in spans if key in s.attributes), None)
-
-
 def _request_row(trace_id: str, group: list[Span]) -> dict:
     root = _root(group)
     attrs = root.attributes if root is not None else {}
@@ -294,7 +286,7 @@ def _request_row(trace_id: str, group: list[Span]) -> dict:
     tries = sum(1 for s in group if _is_router_attempt(s)) or len(servers)
     if failovers is None and tries:
         failovers = tries - 1
-    session = _first_attr(root, group, "specdec.session_id")
+    session = first_attr(root, group, "specdec.session_id")
     row = {
         "trace_id": trace_id,
         "name": root.name if root is not None else None,

@@ -247,3 +247,19 @@ def by_trace(spans: Iterable[Span]) -> Iterator[tuple[str, list[Span]]]:
         groups.setdefault(s.trace_id, []).append(s)
     for tid, group in sorted(groups.items(), key=lambda kv: min(s.start_ns for s in kv[1])):
         yield tid, sorted(group, key=lambda s: (s.start_ns, s.end_ns))
+
+
+def root_of(spans: list[Span]) -> Span | None:
+    """The earliest (then longest) span whose parent is not in the trace: the request's root,
+    or the top of what has arrived so far of a trace still growing; None for no spans."""
+    ids = {s.span_id for s in spans}
+    tops = [s for s in spans if not s.parent_id or s.parent_id not in ids] or spans
+    return min(tops, key=lambda s: (s.start_ns, -s.end_ns)) if tops else None
+
+
+def first_attr(root: Span | None, spans: Iterable[Span], key: str) -> object:
+    """The root's value of an attribute, else the first span's (in the given order) that has
+    it, else None."""
+    if root is not None and key in root.attributes:
+        return root.attributes[key]
+    return next((s.attributes[key] for s in spans if key in s.attributes), None)

@@ -1,5 +1,7 @@
 """Target runner: tree forward == causal forward of each path; KV compaction; errors.
-The SmolLM2 KV test runs 20+ speculative rounds with rejections, then compares logits."""
+The SmolLM2 KV test runs 20+ speculative rounds with rejections, then compares logits.
+Every test runs over both KV caches: the reference DynamicKV and a pooled session of the batch
+scheduler (batching/), whose forwards go through the ragged batched forward."""
 
 import pytest
 import torch
@@ -10,9 +12,12 @@ from coralline.tree import TokenTree
 
 from .tiny import tiny_runner
 
+KINDS = pytest.mark.parametrize("kind", ["dynamic", "pooled"])
 
-def test_tree_forward_matches_causal_forward_of_every_path():
-    r = tiny_runner(vocab=16, seed=1)
+
+@KINDS
+def test_tree_forward_matches_causal_forward_of_every_path(kind):
+    r = tiny_runner(vocab=16, seed=1, kv=kind)
     prompt = [3, 5, 7, 9, 2]
     r.prefill(prompt)
     tree = TokenTree.from_paths(prompt[-1], [[1, 4, 6], [1, 8], [11], [12, 13]])
@@ -24,8 +29,9 @@ def test_tree_forward_matches_causal_forward_of_every_path():
         assert torch.allclose(out.logits[i], ref, atol=1e-5), i
 
 
-def test_commit_keeps_exactly_the_accepted_path():
-    r = tiny_runner(vocab=16, seed=2)
+@KINDS
+def test_commit_keeps_exactly_the_accepted_path(kind):
+    r = tiny_runner(vocab=16, seed=2, kv=kind)
     prompt = [3, 5, 7]
     r.prefill(prompt)
     tree = TokenTree.from_paths(prompt[-1], [[1, 4], [2, 6, 8]])  # nodes: 0, 1(1), 2(4), 3(2)...
@@ -40,8 +46,9 @@ def test_commit_keeps_exactly_the_accepted_path():
         assert torch.allclose(out.logits[i], ref, atol=1e-5)
 
 
-def test_forward_costs_for_both_shapes():
-    r = tiny_runner()
+@KINDS
+def test_forward_costs_for_both_shapes(kind):
+    r = tiny_runner(kv=kind)
     for shape in ("tree", "chain"):
         ms = r.forward_costs(sizes=(1, 4), context=8, repeats=1, shape=shape)
         assert set(ms) == {1, 4} and all(v > 0 for v in ms.values())
@@ -50,8 +57,9 @@ def test_forward_costs_for_both_shapes():
         r.forward_costs(shape="star")
 
 
-def test_runner_errors():
-    r = tiny_runner()
+@KINDS
+def test_runner_errors(kind):
+    r = tiny_runner(kv=kind)
     with pytest.raises(ValueError, match="no tokens"):
         r.prefill([])
     with pytest.raises(ValueError, match="context window"):
@@ -69,11 +77,16 @@ def test_runner_errors():
 
 
 @pytest.mark.slow
-def test_kv_cache_after_many_rounds_with_rejections_on_smollm2(smollm2):
+@KINDS
+def test_kv_cache_after_many_rounds_with_rejections_on_smollm2(smollm2, kind):
     """20+ rounds of n-gram tree speculation with rejections, then the next-token logits from
     the compacted cache equal a fresh forward of the whole committed sequence."""
     from coralline.draft.ngram import NgramConfig, NgramDrafter
 
+    from coralline.batching.scheduler import pooled
+
+    if kind == "pooled":
+        smollm2 = pooled(smollm2).fork()
     prompt = smollm2.encode("List the numbers from one to forty in words, separated by commas.")
     engine = Engine(smollm2, NgramDrafter(NgramConfig(min_ngram=1, max_paths=3, num_tokens=4)))
     out, rounds, rejected = [], 0, 0
@@ -91,8 +104,9 @@ def test_kv_cache_after_many_rounds_with_rejections_on_smollm2(smollm2):
     assert torch.allclose(logits, ref, atol=1e-4), (logits - ref).abs().max()
 
 
-def test_the_runner_tracks_the_cached_ids_and_features():
-    r = tiny_runner(vocab=16, seed=2)
+@KINDS
+def test_the_runner_tracks_the_cached_ids_and_features(kind):
+    r = tiny_runner(vocab=16, seed=2, kv=kind)
     prompt = [3, 5, 7]
     feats = r.prefill(prompt)  # [2, d]
     assert r.ids == [3, 5] and r.reused == 0
@@ -110,10 +124,11 @@ def test_the_runner_tracks_the_cached_ids_and_features():
     assert r.fork().ids == []
 
 
-def test_prefill_with_reuse_forwards_only_the_new_tokens():
+@KINDS
+def test_prefill_with_reuse_forwards_only_the_new_tokens(kind):
     """The kept prefix plus the forwarded rest: the same features and next-token logits as a
     fresh prefill (up to rounding), and `reused` says how much was kept."""
-    r, fresh = tiny_runner(vocab=16, seed=6), tiny_runner(vocab=16, seed=6)
+    r, fresh = tiny_runner(vocab=16, seed=6, kv=kind), tiny_runner(vocab=16, seed=6, kv=kind)
     first = [3, 5, 7, 9, 2]
     r.prefill(first)
     r.tree_forward(TokenTree.chain(2, [4, 6]))

@@ -40,5 +40,14 @@ def perturbed(model, noise: float, seed: int):
     return clone
 
 
-def tiny_runner(vocab: int = 12, seed: int = 0, **kw) -> TargetRunner:
-    return TargetRunner(tiny_llama(vocab, seed, **kw), None)
+def tiny_runner(vocab: int = 12, seed: int = 0, kv: str = "dynamic", **kw) -> TargetRunner:
+    """kv "dynamic": the reference DynamicCache; "pooled": a session of a batch scheduler
+    (KV pool slot, ragged batched forward; prompts enter in chunks of 3 tokens)."""
+    runner = TargetRunner(tiny_llama(vocab, seed, **kw), None)
+    if kv == "pooled":
+        from coralline.batching.scheduler import BatchConfig, pooled
+
+        return pooled(runner, BatchConfig(slots=4, prefill_chunk=3)).fork()
+    if kv != "dynamic":
+        raise ValueError(f"kv must be 'dynamic' or 'pooled', got {kv!r}")
+    return runner

@@ -25,6 +25,12 @@ session in the verifier service); forks share one lock that serialises forward p
 several sessions can be open while one round at a time uses the model. Features stay on the
 model's device; logits come back on the CPU, where the verifiers run.
 
+Where the KV entries live is the runner's `kv` (the `KVCache` protocol below): `DynamicKV`, one
+transformers DynamicCache per runner, is the readable reference; `batching.PooledKV` keeps them
+in a slot of a preallocated pool shared by every session and gathers the forwards of all
+sessions into one batched forward (batching/). The runner's logic (prefill with reuse, the
+tree's features, commit, truncate) is the same over both, and tested the same.
+
 Knows nothing about drafting or verification; it only runs forward passes.
 """
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -68,6 +75,93 @@ class TreeOutput:
         return warp_params(self.logits, params)
 
 
+class KVCache(Protocol):
+    """One sequence's KV entries: the committed prefix, then the nodes fed since the last keep."""
+
+    lock: object  # a context manager serialising forwards across the forks of one model
+    max_context: int  # the most tokens this cache can hold
+
+    def length(self) -> int: ...  # entries held (committed + fed)
+
+    def forward(
+        self,
+        ids: torch.Tensor,  # [n] int64
+        positions: torch.Tensor,  # [n] int64
+        tree: TokenTree | None,  # the n nodes' tree (ancestor mask), or None = causal
+        logits: bool,  # also return the LM head's rows
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # hidden [n, d] on the model's device
+    # (after the final norm), logits [n, V] float32 on the CPU or None; appends n entries
+
+    def keep(self, start: int, accepted: Sequence[int]) -> None: ...  # keep the entries at
+    # start + a for each a in accepted (root first) at start, start + 1, ...; drop the rest
+
+    def crop(self, length: int) -> None: ...  # keep the first `length` entries
+
+    def clear(self) -> None: ...  # hold nothing (a pooled cache gives its slot back)
+
+    def fork(self) -> KVCache: ...  # an empty cache over the same model and lock
+
+
+class DynamicKV:
+    """The reference cache: a transformers DynamicCache per sequence, compacted in place."""
+
+    def __init__(self, model, lock=None) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.lock = lock or threading.Lock()
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.cache = DynamicCache(config=model.config)
+
+    def fork(self) -> DynamicKV:
+        return DynamicKV(self.model, self.lock)
+
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def forward(self, ids, positions, tree, logits):
+        dev = next(self.model.parameters()).device
+        kwargs = {}
+        if tree is not None and not tree.is_chain:
+            dtype = next(self.model.parameters()).dtype
+            mask = tree.attention_mask(self.length())  # [n, cached + n]
+            kwargs["attention_mask"] = mask.to(dev, dtype)[None, None]
+        with self.lock:
+            out = self.model.model(
+                input_ids=ids.to(dev)[None],
+                position_ids=positions.to(dev)[None],
+                cache=self.cache,
+                use_cache=True,
+                **kwargs,
+            )
+            hidden = out.last_hidden_state[0]  # [n, d]
+            rows = self.model.lm_head(hidden).float().cpu() if logits else None
+        return hidden, rows
+
+    @torch.inference_mode()
+    def keep(self, start: int, accepted: Sequence[int]) -> None:
+        moves = [(start + j, start + a) for j, a in enumerate(accepted) if a != j]
+        if moves:
+            dev = self.cache.layers[0].keys.device
+            dst = torch.tensor([d for d, _ in moves], device=dev)
+            src = torch.tensor([s for _, s in moves], device=dev)
+            for layer in self.cache.layers:
+                layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
+                layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
+        self.crop(start + len(accepted))
+
+    def crop(self, length: int) -> None:
+        drop = self.length() - length
+        if drop > 0:
+            self.cache.crop(-drop)
+
+    def clear(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+
 class TargetRunner:
     """Runs the target model over one sequence at a time (one session per runner)."""
 
@@ -77,15 +171,18 @@ class TargetRunner:
         tokenizer,
         config: TargetConfig | None = None,
         lock: threading.Lock | None = None,
+        kv: KVCache | None = None,
     ) -> None:
         self.model = model
-        self.lock = lock or threading.Lock()  # serialises forwards across forks
+        self.kv: KVCache = kv if kv is not None else DynamicKV(model, lock)
         self.tokenizer = tokenizer
         self.config = config or TargetConfig()
         cfg = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.hidden_size = int(cfg.hidden_size)
-        self.max_context = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.max_context = min(
+            int(getattr(cfg, "max_position_embeddings", 2048)), self.kv.max_context
+        )
         eos = getattr(model.generation_config, "eos_token_id", None) or cfg.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -107,8 +204,18 @@ class TargetRunner:
         return cls(model, tok, config)
 
     def fork(self) -> TargetRunner:
-        """Another runner over the same model (no copy) with an empty cache of its own."""
-        return TargetRunner(self.model, self.tokenizer, self.config, self.lock)
+        """Another runner over the same model (no copy) with an empty cache of its own (of the
+        same kind: a pooled runner's fork takes a slot of the same pool)."""
+        return TargetRunner(self.model, self.tokenizer, self.config, kv=self.kv.fork())
+
+    @property
+    def lock(self):
+        """The lock serialising forward passes across forks (the cache's)."""
+        return self.kv.lock
+
+    @lock.setter
+    def lock(self, value) -> None:
+        self.kv.lock = value
 
     @property
     def fingerprint(self) -> str:
@@ -132,9 +239,7 @@ class TargetRunner:
 
     # ------------------------------------------------------------------ sequence state
     def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
+        self.kv.clear()
         self.num_cached = 0
         self.ids: list[int] = []  # [num_cached] the cached (committed) token ids
         self._features: torch.Tensor | None = None  # [capacity, d] model dtype, on the
@@ -162,27 +267,6 @@ class TargetRunner:
             self._features = buf = grown
         buf[start:end] = feats
 
-    @torch.inference_mode()
-    def _forward(
-        self,
-        ids: torch.Tensor,  # [n] int64
-        positions: torch.Tensor,  # [n] int64
-        mask: torch.Tensor | None,  # [n, num_cached + n] float additive, or None = causal
-    ) -> torch.Tensor:  # [n, d]
-        dev = self.device
-        kwargs = {}
-        if mask is not None:
-            dtype = next(self.model.parameters()).dtype
-            kwargs["attention_mask"] = mask.to(dev, dtype)[None, None]
-        with self.lock:
-            out = self.model.model(
-                input_ids=ids.to(dev)[None],
-                position_ids=positions.to(dev)[None],
-                cache=self.cache,
-                use_cache=True,
-                **kwargs,
-            )
-        return out.last_hidden_state[0]
 
     @torch.inference_mode()
     def prefill(
@@ -212,7 +296,7 @@ class TargetRunner:
         if keep == n - 1:  # every prompt token is cached already
             return self.cached_features()
         new = torch.tensor(ids[keep:], dtype=torch.int64)  # [n - 1 - keep]
-        feats = self._forward(new, torch.arange(keep, n - 1), None)  # [n - 1 - keep, d]
+        feats, _ = self.kv.forward(new, torch.arange(keep, n - 1), None, False)  # [n-1-keep, d]
         self._keep_features(keep, feats)
         self.ids.extend(ids[keep:])
         self.num_cached = n - 1
@@ -227,20 +311,17 @@ class TargetRunner:
                 f"the tree ({tree.num_nodes} nodes) does not fit after {p} cached tokens in the "
                 f"context window of {self.max_context}"
             )
-        if self.cache.get_seq_length() != p:
+        if self.kv.length() != p:
             raise RuntimeError("commit() must follow every tree_forward()")
-        mask = None if tree.is_chain else tree.attention_mask(p)
-        hidden = self._forward(tree.tokens, tree.position_ids(p), mask)  # [N, d]
+        hidden, logits = self.kv.forward(tree.tokens, tree.position_ids(p), tree, True)  # [N, d]
         self._fed = ([int(t) for t in tree.tokens.tolist()], hidden)
-        with self.lock:
-            logits = self.model.lm_head(hidden).float()
-        return TreeOutput(logits.cpu(), hidden.float())
+        return TreeOutput(logits, hidden.float())
 
     @torch.inference_mode()
     def commit(self, accepted: Sequence[int]) -> None:
         """Keep the KV entries of the accepted nodes (root first) and drop the rest of the tree."""
         p = self.num_cached
-        fed = self.cache.get_seq_length() - p
+        fed = self.kv.length() - p
         acc = [int(a) for a in accepted]
         if not acc or acc[0] != 0 or any(not 0 <= a < fed for a in acc):
             raise ValueError(f"accepted must start at the root and index the {fed} fed nodes")
@@ -250,16 +331,7 @@ class TargetRunner:
         self._fed = None
         self.ids.extend(fed_ids[a] for a in acc)
         self._keep_features(p, fed_features[acc])
-        moves = [(p + j, p + a) for j, a in enumerate(acc) if a != j]
-        if moves:
-            dst = torch.tensor([d for d, _ in moves], device=self.device)
-            src = torch.tensor([s for _, s in moves], device=self.device)
-            for layer in self.cache.layers:
-                layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
-                layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
-        drop = fed - len(acc)
-        if drop:
-            self.cache.crop(-drop)
+        self.kv.keep(p, acc)
         self.num_cached = p + len(acc)
 
     def truncate(self, num_cached: int) -> None:
@@ -268,15 +340,13 @@ class TargetRunner:
             raise ValueError(f"cannot truncate {self.num_cached} cached tokens to {num_cached}")
         self.rollback()
         if num_cached < self.num_cached:
-            self.cache.crop(num_cached - self.num_cached)
+            self.kv.crop(num_cached)
             self.num_cached = num_cached
             del self.ids[num_cached:]  # feature rows past num_cached are simply unused
 
     def rollback(self) -> None:
         """Drop every node fed since the last commit (a drafter's scratch tree)."""
-        fed = self.cache.get_seq_length() - self.num_cached
-        if fed:
-            self.cache.crop(-fed)
+        self.kv.crop(self.num_cached)
         self._fed = None
 
     def forward_costs(

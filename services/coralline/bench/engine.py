@@ -85,11 +85,11 @@ def kv_strategy(runner, contexts=(256, 1024), nodes: int = 16, accepted=(0, 2, 5
             p = runner.num_cached
             keep = torch.tensor(list(range(p)) + [p + a for a in acc])
             t0 = time.perf_counter()
-            for layer in runner.cache.layers:
+            for layer in runner.kv.cache.layers:
                 layer.keys = layer.keys.index_select(2, keep)
                 layer.values = layer.values.index_select(2, keep)
             times.append(time.perf_counter() - t0)
-            for layer in runner.cache.layers:
+            for layer in runner.kv.cache.layers:
                 layer.keys = layer.keys[:, :, :p]
                 layer.values = layer.values[:, :, :p]
         out.append(

@@ -1,0 +1,252 @@
+"""Batched verification (batching/): several sessions over one batch scheduler, each session's
+output equal to its single-session run on the reference runner (DynamicKV, one forward per
+session); sessions with different prompt lengths join at different rounds, so batches mix trees
+and prefill chunks; a session cancelled mid-batch leaves the others untouched; the scheduler's
+bounds and errors. Tiny random Llama targets; the SmolLM2 runs are in test_batched_smollm2.py."""
+
+import threading
+
+import pytest
+import torch
+
+from coralline.batching.forward import Item, ragged_forward, unsupported
+from coralline.batching.pool import KVPool, PoolFull
+from coralline.batching.scheduler import BatchConfig, BatchScheduler, SessionGone, pooled
+from coralline.draft.model import ModelDrafter, ModelDrafterConfig
+from coralline.engine import Engine, generate_ids
+from coralline.sampling import SamplingParams
+from coralline.target import TargetRunner
+from coralline.tree import TokenTree
+
+from ..tiny import perturbed, tiny_llama
+
+VOCAB = 40
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_llama(VOCAB, seed=31, layers=2, scale=2.0)
+    return target, perturbed(target, 0.3, seed=32)
+
+
+def _drafter(draft_model):
+    return ModelDrafter(
+        TargetRunner(draft_model, None), ModelDrafterConfig(branching=(3, 2), draft_top_k=6)
+    )
+
+
+def _specs():
+    """(prompt, params, join after session 0 started this round) of 5 sessions."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for k, (length, join) in enumerate([(5, 0), (17, 2), (9, 3), (30, 3), (2, 6)]):
+        prompt = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
+        sampled = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=24, seed=100 + k)
+        out.append((prompt, greedy if k % 2 == 0 else sampled, join))
+    return out
+
+
+def _reference(models, specs, drafted=True):
+    target, draft = models
+    return [
+        generate_ids(Engine(TargetRunner(target, None), _drafter(draft) if drafted else None), p, s)
+        for p, s, _ in specs
+    ]
+
+
+def _concurrent(models, specs, config, drafted=True, cancel=None):
+    """Run every spec in its own thread over one scheduler; session k starts when session 0
+    starts round `join`. cancel=(k, rounds): session k stops after that many rounds and frees
+    its slot while the others run. -> (outputs, scheduler)."""
+    target, draft = models
+    root = pooled(TargetRunner(target, None), config)
+    started = [threading.Event() for _ in range(64)]
+    outs: list = [None] * len(specs)
+    errors: list = []
+
+    def run(k: int) -> None:
+        prompt, params, join = specs[k]
+        try:
+            if k:
+                assert started[join].wait(60), "session 0 never reached its round"
+            runner = root.fork()
+            engine = Engine(runner, _drafter(draft) if drafted else None)
+            if k == 0:
+                engine.on_round_start = lambda r: started[min(r, 63)].set()
+            ids = []
+            for n, chunk in enumerate(engine.generate(prompt, params), start=1):
+                ids.extend(chunk.token_ids)
+                if cancel is not None and cancel[0] == k and n == cancel[1]:
+                    break
+            runner.reset()  # frees the slot
+            outs[k] = ids
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+        finally:
+            if k == 0:
+                for e in started:
+                    e.set()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(specs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return outs, root.kv.scheduler
+
+
+CONFIG = BatchConfig(slots=6, prefill_chunk=4, max_batch_tokens=64, max_wait_ms=100)
+
+
+def test_concurrent_sessions_equal_their_single_session_runs(models):
+    specs = _specs()
+    want = _reference(models, specs)
+    got, sched = _concurrent(models, specs, CONFIG)
+    assert got == want
+    st = sched.stats
+    assert max(st.sessions_hist) >= 3, st.sessions_hist  # batches really held several sessions
+    assert st.mixed > 0  # and prefill chunks rode along with other sessions' trees
+    assert st.tokens / st.batches <= CONFIG.max_batch_tokens
+    assert sched.pool.free_slots == CONFIG.slots  # every slot came back
+
+
+def test_plain_decoding_batched_equals_plain_decoding(models):
+    specs = _specs()
+    assert _concurrent(models, specs, CONFIG, drafted=False)[0] == _reference(
+        models, specs, drafted=False
+    )
+
+
+def test_a_session_cancelled_mid_generation_leaves_the_others_untouched(models):
+    specs = _specs()
+    want = _reference(models, specs)
+    got, sched = _concurrent(models, specs, CONFIG, cancel=(2, 3))
+    assert got[2] == want[2][: len(got[2])] and len(got[2]) < len(want[2])
+    assert [g for k, g in enumerate(got) if k != 2] == [w for k, w in enumerate(want) if k != 2]
+    assert sched.pool.free_slots == CONFIG.slots
+
+
+def test_a_slot_freed_while_its_forward_waits(models):
+    """B ran alone, so the next batch waits for B (up to 30 s); A's forward queued meanwhile is
+    failed at once when A's slot is freed, and B's next forward runs and is right."""
+    target, _ = models
+    sched = BatchScheduler(target, BatchConfig(slots=2, max_wait_ms=30_000))
+    ref = TargetRunner(target, None)
+    b = TargetRunner(target, None, kv=_kv(sched))
+    for r in (b, ref):
+        r.prefill([1, 2, 3])
+        r.tree_forward(TokenTree.chain(3, [6]))  # B's tree ran: the next batch expects B
+        r.commit([0, 1])
+    slot_a = sched.acquire()
+    item = Item(slot_a, 0, torch.tensor([4, 5]), torch.arange(2), None, False)
+    failed: list = []
+    t = threading.Thread(target=lambda: _expect_gone(sched, item, failed))
+    t.start()
+    for _ in range(500):
+        if sched.waiting:
+            break
+        threading.Event().wait(0.01)
+    assert sched.waiting == 1 and not failed  # A's forward waits for B
+    sched.release(slot_a)
+    t.join(5)
+    assert failed == ["gone"]
+    tree = TokenTree.from_parents([6, 7, 8], [-1, 0, 0])
+    got, want = b.tree_forward(tree), ref.tree_forward(tree)
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+    assert sched.pool.free_slots == 1
+
+
+def _kv(sched):
+    from coralline.batching.scheduler import PooledKV
+
+    return PooledKV(sched)
+
+
+def _expect_gone(sched, item, out):
+    try:
+        sched.run(item, tree=False)
+        out.append("ran")
+    except SessionGone:
+        out.append("gone")
+
+
+def test_ragged_forward_equals_separate_forwards(models):
+    """Three sessions' trees, chains and a prefill chunk in one forward: each item's rows equal
+    the reference runner's forward of that item alone."""
+    target, _ = models
+    pool = KVPool.for_model(target, slots=3, slot_tokens=64)
+    refs = [TargetRunner(target, None) for _ in range(3)]
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 2], [9, 10, 11, 12]]
+    items = []
+    for slot, (r, p) in enumerate(zip(refs, prompts, strict=True)):
+        pool.acquire()
+        r.prefill(p[:-2] + [p[-2]])  # caches p[:-2]
+        ids = torch.tensor(p[:-2], dtype=torch.int64)
+        ragged_forward(target, pool, [Item(slot, 0, ids, torch.arange(len(ids)), None, False)])
+        pool.lengths[slot] = len(ids)
+    trees = [
+        TokenTree.from_parents([5, 9, 10, 11], [-1, 0, 0, 1]),
+        TokenTree.chain(7, [1, 2]),
+        TokenTree.from_parents([11, 3, 4], [-1, 0, 1]),
+    ]
+    for slot, (r, t) in enumerate(zip(refs, trees, strict=True)):
+        p = pool.lengths[slot]
+        items.append(Item(slot, p, t.tokens, t.position_ids(p), t.ancestor_mask, True))
+    got = ragged_forward(target, pool, items)
+    for (hidden, logits), r, t in zip(got, refs, trees, strict=True):
+        want = r.tree_forward(t)
+        assert torch.allclose(logits, want.logits, atol=1e-5)
+        assert torch.allclose(hidden.float(), want.features, atol=1e-5)
+
+
+def test_pool_keep_moves_only_what_moves_and_bounds():
+    pool = KVPool(1, 1, 2, slots=2, slot_tokens=8)
+    slot = pool.acquire()
+    vals = torch.arange(6, dtype=torch.float32)[None, :, None].expand(1, 6, 2)  # [1, 6, 2]
+    pool.write_many(0, torch.full((6,), slot), torch.arange(6), vals, vals)
+    pool.keep(slot, 2, [0, 2, 3])  # entries 2, 4, 5 at 2, 3, 4
+    assert pool.lengths[slot] == 5
+    assert pool.view(0, slot, 5)[0][0, :, 0].tolist() == [0, 1, 2, 4, 5]
+    other = pool.acquire()
+    with pytest.raises(PoolFull, match="all 2 KV slots"):
+        pool.acquire()
+    pool.release(other)
+    with pytest.raises(ValueError, match="not held"):
+        pool.release(other)
+    with pytest.raises(ValueError, match=">= 1"):
+        KVPool(1, 1, 2, slots=0, slot_tokens=8)
+    assert pool.bytes_per_token == 2 * 1 * 1 * 2 * 4
+
+
+def test_scheduler_errors(models):
+    target, _ = models
+    with pytest.raises(ValueError, match="slots, max_batch_tokens"):
+        BatchConfig(slots=0)
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        BatchConfig(max_wait_ms=-1)
+    sched = BatchScheduler(target, BatchConfig(slots=1, max_batch_tokens=4))
+    runner = TargetRunner(target, None, kv=_kv(sched))
+    runner.prefill([1, 2, 3, 4, 5, 6, 7])  # chunks: a prompt is not bounded by a batch
+    with pytest.raises(ValueError, match="exceeds max_batch_tokens"):
+        runner.tree_forward(TokenTree.chain(7, [1, 2, 3, 4]))
+    other = TargetRunner(target, None, kv=_kv(sched))
+    with pytest.raises(PoolFull, match="KV slots"):
+        other.prefill([1, 2, 3])
+    runner.reset()
+    other.prefill([1, 2, 3])  # the slot came back
+    sched.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        other.tree_forward(TokenTree.chain(3, []))
+
+
+def test_unsupported_models_are_named():
+    from torch import nn
+
+    class Plain(nn.Module):
+        pass
+
+    assert "not a Llama-shaped" in unsupported(Plain())
+    with pytest.raises(ValueError, match="cannot run this model"):
+        BatchScheduler(Plain())

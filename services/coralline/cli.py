@@ -170,9 +170,21 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
         retain_tokens=args.retain_tokens,
         sessions_url=args.sessions,
         metrics_port=args.metrics_port,
+        batching=None if args.no_batching else _batch_config(args),
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
+
+
+def _batch_config(args: argparse.Namespace):
+    from coralline.batching.scheduler import BatchConfig
+
+    return BatchConfig(
+        slots=args.kv_slots or args.max_sessions + args.retain_sessions,
+        max_batch_tokens=args.max_batch_tokens,
+        prefill_chunk=args.prefill_chunk,
+        max_wait_ms=args.batch_wait_ms,
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -551,6 +563,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="redis://... the routers' session store: an evicted KV cache is cleared from its "
         "session record there",
+    )
+    bt = vr.add_argument_group("batching (docs/batching.md)")
+    bt.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="one session's forward at a time, each with its own cache (the reference path)",
+    )
+    bt.add_argument(
+        "--kv-slots",
+        type=int,
+        default=0,
+        help="sessions the KV pool holds (default: --max-sessions + --retain-sessions)",
+    )
+    bt.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per forward")
+    bt.add_argument(
+        "--prefill-chunk", type=int, default=128, help="a prompt's tokens per batched forward"
+    )
+    bt.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=20.0,
+        help="the longest a round waits for the other sessions' rounds",
     )
     vr.set_defaults(fn=_cmd_verifier)
 

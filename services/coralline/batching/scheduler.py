@@ -123,6 +123,12 @@ class BatchScheduler:
                 self.pool.release(slot)
             self._cond.notify_all()
 
+    def park(self, slot: int) -> None:
+        """The slot's session pauses (it keeps its entries): batches stop waiting for it."""
+        with self._cond:
+            self._expected.discard(slot)
+            self._cond.notify_all()
+
     @property
     def waiting(self) -> int:
         """Forwards waiting for a batch (the verifier's queue depth)."""
@@ -284,6 +290,11 @@ class PooledKV:
         if self.slot is not None and length < self.length():
             self.scheduler.pool.lengths[self.slot] = length
 
+    def park(self) -> None:
+        """The session pauses between turns, holding its entries (see BatchScheduler.park)."""
+        if self.slot is not None:
+            self.scheduler.park(self.slot)
+
     def clear(self) -> None:
         if self.slot is not None:
             slot, self.slot = self.slot, None
@@ -300,6 +311,12 @@ class _QueueDepth:
 
     def __init__(self, scheduler: BatchScheduler) -> None:
         self._scheduler = scheduler
+
+    def park(self, slot: int) -> None:
+        """The slot's session pauses (it keeps its entries): batches stop waiting for it."""
+        with self._cond:
+            self._expected.discard(slot)
+            self._cond.notify_all()
 
     @property
     def waiting(self) -> int:

@@ -60,6 +60,7 @@ from coralline.session import (
     MemorySessionStore,
     SessionRecord,
 )
+from coralline.batching.scheduler import BatchConfig, pooled
 from coralline.telemetry import tracing as tr
 from coralline.telemetry.metrics import VerifierMetrics
 from coralline.telemetry.tracing import Tracing
@@ -87,6 +88,9 @@ class VerifierServiceConfig:
     # cache clears its session's KV holder there (when it still names this verifier)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None =
     # no metrics recorded (tracing is configured by the OTEL_* variables: telemetry/tracing.py)
+    batching: BatchConfig | None = field(default_factory=BatchConfig)  # the rounds of all
+    # sessions in one batched forward over a KV pool (batching/); None = one session's forward
+    # at a time, each session with its own growing cache (the reference path)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,17 @@ class VerifierServiceConfig:
             raise ValueError("retain_sessions and retain_tokens must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        b = self.batching
+        if b is not None and b.slots < self.max_sessions + self.retain_sessions:
+            raise ValueError(
+                f"the KV pool's {b.slots} slots must cover max_sessions + retain_sessions "
+                f"({self.max_sessions} + {self.retain_sessions})"
+            )
+        if b is not None and self.max_tree_nodes > b.max_batch_tokens:
+            raise ValueError(
+                f"max_tree_nodes ({self.max_tree_nodes}) must not exceed the batch's "
+                f"max_batch_tokens ({b.max_batch_tokens})"
+            )
 
     @property
     def drafter(self) -> str:
@@ -174,7 +189,10 @@ class VerifierCore:
         self.target = TargetRunner.load(
             TargetConfig(model=config.model, dtype=config.dtype, device=config.device)
         )
-        self.target.lock = CountingLock()  # forks share it: forwards are serialised
+        if config.batching is not None:  # forks are sessions of one batch scheduler
+            self.target = pooled(self.target, config.batching)
+        else:
+            self.target.lock = CountingLock()  # forks share it: forwards are serialised
         self.tracing = tracing or Tracing.from_env(tr.SERVICES["verifier"])
         self.metrics = None
         if config.metrics_port is not None:
@@ -408,6 +426,9 @@ class VerifierCore:
         self.store.finish(sid, state, live.record.summary, error)
         self.live.pop(sid, None)
         if keep:
+            park = getattr(live.runner.kv, "park", None)
+            if park is not None:
+                park()  # idle until its next turn: batches do not wait for it
             self._retain(sid, live.runner, live.turn)
         log.info(
             "session %s %s: %d tokens%s",

@@ -15,7 +15,7 @@ from coralline.sampling import SamplingParams
 from coralline.target import TargetRunner
 
 from ..test_engine_lossless import ALPHA, LENGTH, PARAMS, PROMPT, RUNS, _chi2, _drafter, _exact_law
-from ..test_engine_lossless import models as models  # noqa: F401 - the module's fixture
+from ..test_engine_lossless import models as models
 
 THREADS = 4
 
@@ -51,7 +51,7 @@ def _run_batched(models, params):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("params", PARAMS[1:], ids=["T0.7-topp0.8"])
-def test_batched_sampling_matches_the_target_law(models, params):  # noqa: F811
+def test_batched_sampling_matches_the_target_law(models, params):
     counts, accepted, stats = _run_batched(models, params)
     assert sum(counts.values()) == RUNS
     assert accepted > RUNS // 4  # speculation is exercised

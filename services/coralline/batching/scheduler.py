@@ -129,6 +129,12 @@ class BatchScheduler:
             self._expected.discard(slot)
             self._cond.notify_all()
 
+    def sessions(self) -> int:
+        """Sessions sharing the forwards now: the last batch's (still held), the queued ones
+        and the running batch's (what the load-adaptive budget divides by: costs.py)."""
+        with self._cond:
+            return len(self._expected | self._running | {w.item.slot for w in self._pending})
+
     @property
     def waiting(self) -> int:
         """Forwards waiting for a batch (the verifier's queue depth)."""
@@ -317,6 +323,12 @@ class _QueueDepth:
         with self._cond:
             self._expected.discard(slot)
             self._cond.notify_all()
+
+    def sessions(self) -> int:
+        """Sessions sharing the forwards now: the last batch's (still held), the queued ones
+        and the running batch's (what the load-adaptive budget divides by: costs.py)."""
+        with self._cond:
+            return len(self._expected | self._running | {w.item.slot for w in self._pending})
 
     @property
     def waiting(self) -> int:

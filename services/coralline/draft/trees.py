@@ -57,6 +57,18 @@ class CostModel:
         t1 = ms_by_size[min(ms_by_size)]
         return cls(table={n: ms / t1 for n, ms in ms_by_size.items()}, t1_ms=t1)
 
+    def under_load(self, hint: Sequence[tuple[int, float]]) -> CostModel:
+        """This model's drafting time against a verifier's round costs [(nodes, ms)] under its
+        load (batching/costs.py): the table is the hint's, the drafting cost the same ms."""
+        if not hint:
+            return self
+        ms_by_size = dict(hint)
+        t1 = ms_by_size[min(ms_by_size)]
+        if t1 <= 0:
+            raise ValueError("round costs must be positive")
+        draft = self.draft_cost * self.t1_ms / t1
+        return CostModel({n: ms / t1 for n, ms in ms_by_size.items()}, draft, t1)
+
     def observe_draft_ms(self, ms: float) -> None:
         """Running estimate of the drafting cost of one round."""
         self.draft_cost = 0.9 * self.draft_cost + 0.1 * ms / self.t1_ms

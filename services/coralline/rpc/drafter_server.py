@@ -78,6 +78,22 @@ class _Session:
     committed: int  # committed tokens (the root included)
     round: int  # the round of the last proposal sent
     opened: float = field(default_factory=time.monotonic)
+    cost: object = None  # the drafter's own cost model (None: it has none)
+    hint: list[tuple[int, float]] | None = None  # this round's CostHint from the verifier
+
+
+def _hint(msg) -> list[tuple[int, float]] | None:
+    """The message's CostHint as [(nodes, ms)], validated; None when absent."""
+    if not msg.HasField("cost"):
+        return None
+    nodes, ms = list(msg.cost.nodes), list(msg.cost.ms)
+    if not nodes or len(nodes) != len(ms):
+        raise ValueError("CostHint needs as many ms as nodes, and at least one")
+    if any(n < 1 for n in nodes) or nodes != sorted(set(nodes)):
+        raise ValueError("CostHint.nodes must be distinct sizes >= 1, ascending")
+    if not all(m > 0 and m < float("inf") for m in ms):
+        raise ValueError("CostHint.ms must be positive and finite")
+    return list(zip(nodes, ms, strict=True))
 
 
 class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
@@ -162,6 +178,8 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
             )
         session = _Session(msg.session_id, name, factory(), params, len(ids), max(msg.round, 1))
         session.drafter.reset()
+        session.cost = getattr(session.drafter, "cost", None)
+        session.hint = _hint(msg)
         self._sessions[msg.session_id] = session
         log.info("open %s drafter=%s prompt=%d", msg.session_id, name, len(ids))
         return session, DraftInput(tuple(ids), feats, None)
@@ -186,6 +204,7 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
             )
         session.committed += len(ids)
         session.round = msg.round
+        session.hint = _hint(msg)
         accepted = tuple(int(a) for a in msg.accepted) or None
         return DraftInput(tuple(ids), feats, accepted)
 
@@ -196,6 +215,8 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         drafter = session.drafter
         if watched and hasattr(drafter, "timeline"):
             drafter.timeline = []
+        if session.cost is not None:  # the verifier's load sizes the tree (batching/costs.py)
+            drafter.cost = session.cost.under_load(session.hint) if session.hint else session.cost
         proposal = drafter.propose(step, session.params)
         out = drafter_pb2.DraftResponse()
         p = out.proposal

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -102,6 +103,9 @@ class RemoteDrafter:
         # W3C context of the verifier's current round span, sent in each Open / Commit (the
         # caller sets it before each round when tracing; empty = not traced)
         self.trace_context: dict[str, str] = {}
+        # () -> [(nodes, ms)] or None: the round's cost under the verifier's load, sent with
+        # each Open / Commit (the verifier sets it when it batches; batching/costs.py)
+        self.cost_hint: Callable[[], list[tuple[int, float]] | None] | None = None
         self.reset()
 
     # ------------------------------------------------------------------ Drafter protocol
@@ -162,7 +166,15 @@ class RemoteDrafter:
         o.max_nodes = self.config.max_nodes
         if self.trace_context:
             o.trace_context.update(self.trace_context)
+        self._put_hint(o)
         return req
+
+    def _put_hint(self, msg) -> None:
+        """This round's cost under the verifier's load (batching/costs.py), when it has one."""
+        hint = self.cost_hint() if self.cost_hint is not None else None
+        if hint:
+            msg.cost.nodes[:] = [n for n, _ in hint]
+            msg.cost.ms[:] = [ms for _, ms in hint]
 
     def _commit_request(self, step: DraftInput) -> drafter_pb2.DraftRequest:
         req = drafter_pb2.DraftRequest()
@@ -176,6 +188,7 @@ class RemoteDrafter:
         c.committed_len = len(self.context)
         if self.trace_context:
             c.trace_context.update(self.trace_context)
+        self._put_hint(c)
         return req
 
     def _decode(self, resp, root: int, params: SamplingParams) -> DraftProposal:

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import grpc
 
 import coralline
+from coralline.batching.costs import LoadPolicy, load_or_measure
+from coralline.batching.scheduler import BatchConfig, pooled
 from coralline.conversation import next_turn_ids
 from coralline.draft.registry import DRAFTERS
 from coralline.engine import Chunk, Engine, EngineConfig
@@ -60,7 +62,6 @@ from coralline.session import (
     MemorySessionStore,
     SessionRecord,
 )
-from coralline.batching.scheduler import BatchConfig, pooled
 from coralline.telemetry import tracing as tr
 from coralline.telemetry.metrics import VerifierMetrics
 from coralline.telemetry.tracing import Tracing
@@ -91,6 +92,9 @@ class VerifierServiceConfig:
     batching: BatchConfig | None = field(default_factory=BatchConfig)  # the rounds of all
     # sessions in one batched forward over a KV pool (batching/); None = one session's forward
     # at a time, each session with its own growing cache (the reference path)
+    adaptive_budget: bool = True  # batching only: each round tells the drafter the round's
+    # cost under the current load (batching/costs.py), so trees shrink as sessions grow; at
+    # T > 0 a seed then reproduces a generation at the same load (the law never changes)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -189,8 +193,12 @@ class VerifierCore:
         self.target = TargetRunner.load(
             TargetConfig(model=config.model, dtype=config.dtype, device=config.device)
         )
+        self.load_policy: LoadPolicy | None = None
         if config.batching is not None:  # forks are sessions of one batch scheduler
             self.target = pooled(self.target, config.batching)
+            if config.adaptive_budget:
+                table = load_or_measure(self.target.kv.scheduler, self.target.fingerprint, log)
+                self.load_policy = LoadPolicy(table)
         else:
             self.target.lock = CountingLock()  # forks share it: forwards are serialised
         self.tracing = tracing or Tracing.from_env(tr.SERVICES["verifier"])
@@ -396,6 +404,10 @@ class VerifierCore:
                 # round span)
                 metadata=tel.tracing.metadata(tel.span) if tel and tel.tracing else (),
             )
+            policy = self.load_policy
+            if policy is not None:
+                sched = self.target.kv.scheduler
+                remote.cost_hint = lambda: policy.hint(sched.sessions(), cfg.max_tree_nodes)
         return remote
 
     @staticmethod

@@ -1,0 +1,96 @@
+"""The batched forward's cost model and the load-adaptive tree budget (batching/costs.py):
+the policy is pure and table-driven; the measurement runs on a tiny model; the drafter service
+validates and applies the verifier's hint."""
+
+import pytest
+
+from coralline.batching import costs
+from coralline.batching.costs import LoadPolicy, load_or_measure, measure
+from coralline.batching.scheduler import BatchConfig, BatchScheduler
+from coralline.draft.trees import CostModel, choose_budget
+from coralline.rpc.drafter_server import _hint
+from coralline.rpc.protos import drafter_pb2
+
+from ..tiny import tiny_llama
+
+# a forward that is flat (memory-bound) up to 32 tokens, then linear (compute-bound)
+TABLE = {
+    1: 50.0,
+    2: 50.0,
+    4: 51.0,
+    8: 52.0,
+    16: 55.0,
+    32: 60.0,
+    64: 110.0,
+    128: 210.0,
+    256: 410.0,
+    512: 810.0,
+}
+VALUES = [0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.05, 0.04, 0.03]
+
+
+def _budget(sessions: int) -> int:
+    base = CostModel()  # the drafter's own single-session model
+    hint = LoadPolicy(TABLE).hint(sessions, max_nodes=64)
+    return choose_budget(VALUES, base.under_load(hint) if hint else base, max_nodes=64)
+
+
+def test_trees_shrink_as_sessions_grow_and_speculation_turns_off():
+    budgets = [_budget(s) for s in (2, 4, 8, 16, 32, 64, 128)]
+    assert budgets == sorted(budgets, reverse=True), budgets
+    assert budgets[0] >= 8  # two sessions: the forward is still flat, trees stay big
+    assert _budget(1) > 1  # one session: the drafter's own model (another table) speculates
+    assert budgets[-1] == 1  # 128 sessions, deep in the linear region: plain decoding
+
+
+def test_policy_interpolates_extrapolates_and_stays_out_of_one_session():
+    p = LoadPolicy(TABLE)
+    assert p.hint(1, 64) is None  # one session: the drafter's own model
+    assert p.cost(3) == pytest.approx(50.5)
+    assert p.cost(1024) == pytest.approx(810 + 512 * (400 / 256))
+    hint = p.hint(4, max_nodes=8)
+    assert [n for n, _ in hint] == [1, 2, 3, 4, 6, 8]
+    assert hint[-1][1] == pytest.approx(p.cost(32))
+    with pytest.raises(ValueError, match="positive"):
+        LoadPolicy({1: 0.0})
+
+
+def test_cost_model_under_load_keeps_the_drafting_time_in_ms():
+    base = CostModel(draft_cost=0.3, t1_ms=50.0)  # 15 ms of drafting
+    loaded = base.under_load([(1, 100.0), (4, 150.0)])
+    assert loaded.t1_ms == 100.0 and loaded.table == {1: 1.0, 4: 1.5}
+    assert loaded.draft_cost * loaded.t1_ms == pytest.approx(15.0)
+    assert base.under_load([]) is base
+
+
+def test_measure_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORALLINE_CACHE", str(tmp_path))
+    sched = BatchScheduler(tiny_llama(20, seed=4), BatchConfig(slots=4, max_batch_tokens=32))
+    table = measure(sched, context=16, repeats=1)
+    assert list(table) == [t for t in costs.TOTALS if t <= 32]
+    assert all(ms > 0 for ms in table.values())
+    assert sched.pool.free_slots == 4  # the pool is as it was
+    first = load_or_measure(sched, "f" * 64)
+    assert costs.cache_file(sched.model, "f" * 64).exists()
+    monkeypatch.setattr(costs, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert load_or_measure(sched, "f" * 64) == first  # read from the cache
+
+
+def test_the_drafter_service_validates_the_hint():
+    msg = drafter_pb2.Commit()
+    assert _hint(msg) is None
+    msg.cost.nodes[:] = [1, 4]
+    msg.cost.ms[:] = [10.0, 12.0]
+    assert _hint(msg) == [(1, 10.0), (4, 12.0)]
+    for nodes, ms, err in [
+        ([1, 4], [10.0], "as many ms"),
+        ([4, 1], [10.0, 12.0], "ascending"),
+        ([0, 1], [10.0, 12.0], ">= 1"),
+        ([1, 2], [10.0, float("nan")], "positive and finite"),
+        ([1, 2], [10.0, -1.0], "positive and finite"),
+    ]:
+        bad = drafter_pb2.Commit()
+        bad.cost.nodes[:] = nodes
+        bad.cost.ms[:] = ms
+        with pytest.raises(ValueError, match=err):
+            _hint(bad)

@@ -81,9 +81,8 @@ def test_runner_errors(kind):
 def test_kv_cache_after_many_rounds_with_rejections_on_smollm2(smollm2, kind):
     """20+ rounds of n-gram tree speculation with rejections, then the next-token logits from
     the compacted cache equal a fresh forward of the whole committed sequence."""
-    from coralline.draft.ngram import NgramConfig, NgramDrafter
-
     from coralline.batching.scheduler import pooled
+    from coralline.draft.ngram import NgramConfig, NgramDrafter
 
     if kind == "pooled":
         smollm2 = pooled(smollm2).fork()

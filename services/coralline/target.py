@@ -89,17 +89,27 @@ class KVCache(Protocol):
         positions: torch.Tensor,  # [n] int64
         tree: TokenTree | None,  # the n nodes' tree (ancestor mask), or None = causal
         logits: bool,  # also return the LM head's rows
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # hidden [n, d] on the model's device
-    # (after the final norm), logits [n, V] float32 on the CPU or None; appends n entries
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append the n entries; -> hidden [n, d] (after the final norm, on the model's device)
+        and logits [n, V] (float32, on the CPU) or None."""
+        ...
 
-    def keep(self, start: int, accepted: Sequence[int]) -> None: ...  # keep the entries at
-    # start + a for each a in accepted (root first) at start, start + 1, ...; drop the rest
+    def keep(self, start: int, accepted: Sequence[int]) -> None:
+        """Keep the entries at start + a for each a in accepted (root first) at start,
+        start + 1, ...; drop the rest."""
+        ...
 
-    def crop(self, length: int) -> None: ...  # keep the first `length` entries
+    def crop(self, length: int) -> None:
+        """Keep the first `length` entries."""
+        ...
 
-    def clear(self) -> None: ...  # hold nothing (a pooled cache gives its slot back)
+    def clear(self) -> None:
+        """Hold nothing (a pooled cache gives its slot back)."""
+        ...
 
-    def fork(self) -> KVCache: ...  # an empty cache over the same model and lock
+    def fork(self) -> KVCache:
+        """An empty cache over the same model and lock."""
+        ...
 
 
 class DynamicKV:
@@ -266,7 +276,6 @@ class TargetRunner:
                 grown[:start] = buf[:start]
             self._features = buf = grown
         buf[start:end] = feats
-
 
     @torch.inference_mode()
     def prefill(

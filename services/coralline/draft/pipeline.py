@@ -103,7 +103,11 @@ class SpeculationCache:
             return False
         undo = _checkpoint(d)
         t0 = time.perf_counter()
-        proposal = d.propose(DraftInput(g.new_ids, g.features, g.accepted), params)
+        try:
+            proposal = d.propose(DraftInput(g.new_ids, g.features, g.accepted), params)
+        except BaseException:
+            _restore(d, undo)  # as if nothing was pre-drafted
+            raise
         ms = (time.perf_counter() - t0) * 1e3
         self._entry = _Entry(g, proposal, undo, _cost_key(d), ms)
         return True

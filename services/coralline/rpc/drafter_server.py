@@ -24,6 +24,7 @@ import torch
 
 import coralline
 from coralline.draft.base import DraftInput
+from coralline.draft.pipeline import SpeculationCache
 from coralline.draft.registry import DRAFTERS, drafter_factory, drafter_kind
 from coralline.router.placement import DRAFTER
 from coralline.rpc import codec
@@ -52,6 +53,10 @@ class DrafterServiceConfig:
     workers: int = 2  # drafting threads (one per core on this machine's 2 cores)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None =
     # no metrics recorded (tracing is configured by the OTEL_* variables: telemetry/tracing.py)
+    pipeline: bool = False  # CORAL drafters pre-draft each session's next round for the outcome
+    # they expect while the verifier verifies, and answer the Commit from it on a hit
+    # (draft/pipeline.py: the same trees either way; off by default: on a CPU shared with the
+    # verifier the pre-draft competes with the target's forward)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -79,7 +84,20 @@ class _Session:
     round: int  # the round of the last proposal sent
     opened: float = field(default_factory=time.monotonic)
     cost: object = None  # the drafter's own cost model (None: it has none)
+    pre: object = None  # the running pre-draft (asyncio future; pipeline only)
     hint: list[tuple[int, float]] | None = None  # this round's CostHint from the verifier
+
+
+def _pipelined(drafter):
+    """A CORAL drafter in pipeline mode behind a speculation cache; other drafters as they are."""
+    from dataclasses import replace
+
+    from coralline.draft.coral_drafter import CoralDrafter
+
+    if not isinstance(drafter, CoralDrafter):
+        return drafter
+    inner = CoralDrafter(drafter.head, replace(drafter.config, pipeline=True), drafter.cost)
+    return SpeculationCache(inner)
 
 
 def _hint(msg) -> list[tuple[int, float]] | None:
@@ -176,7 +194,10 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
             feats = codec.tensor_from_pb(
                 msg.features, name="Open.features", rows=len(ids) - 1, cols=self.weights.hidden_size
             )
-        session = _Session(msg.session_id, name, factory(), params, len(ids), max(msg.round, 1))
+        drafter = factory()
+        if self.config.pipeline:
+            drafter = _pipelined(drafter)
+        session = _Session(msg.session_id, name, drafter, params, len(ids), max(msg.round, 1))
         session.drafter.reset()
         session.cost = getattr(session.drafter, "cost", None)
         session.hint = _hint(msg)
@@ -208,6 +229,13 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         accepted = tuple(int(a) for a in msg.accepted) or None
         return DraftInput(tuple(ids), feats, accepted)
 
+    def _predraft(self, session: _Session) -> None:
+        """Runs in a pool thread after a proposal was sent (pipeline): never fails the stream."""
+        try:
+            session.drafter.predraft(session.params)
+        except Exception:  # the next propose drafts for the real commit
+            log.exception("session %s: pre-draft failed", session.session_id)
+
     def _propose(self, session: _Session, step: DraftInput, parent) -> drafter_pb2.DraftResponse:
         """Runs in a pool thread. parent: the round's trace context (None: not traced)."""
         watched = self.metrics is not None or self.tracing.enabled
@@ -217,7 +245,14 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
             drafter.timeline = []
         if session.cost is not None:  # the verifier's load sizes the tree (batching/costs.py)
             drafter.cost = session.cost.under_load(session.hint) if session.hint else session.cost
+        cache = drafter.stats if isinstance(drafter, SpeculationCache) else None
+        before = (cache.hits, cache.misses, cache.hidden_ms) if cache is not None else None
         proposal = drafter.propose(step, session.params)
+        if cache is not None and self.metrics is not None:
+            m = self.metrics
+            m.spec_cache.labels(outcome="hit").inc(cache.hits - before[0])
+            m.spec_cache.labels(outcome="miss").inc(cache.misses - before[1])
+            m.spec_hidden_s.inc((cache.hidden_ms - before[2]) / 1e3)
         out = drafter_pb2.DraftResponse()
         p = out.proposal
         p.round = session.round
@@ -300,7 +335,12 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
                 parent = None
                 if stream is not None:  # the verifier's round span, else the stream's
                     parent = dict(getattr(msg, kind).trace_context) or stream
+                if session.pre is not None:  # the drafter is busy with the pre-draft
+                    await session.pre
+                    session.pre = None
                 yield await loop.run_in_executor(self._pool, self._propose, session, step, parent)
+                if isinstance(session.drafter, SpeculationCache):  # the proposal is on its way
+                    session.pre = loop.run_in_executor(self._pool, self._predraft, session)
         except asyncio.CancelledError:
             why = "cancelled"
             raise

@@ -209,6 +209,8 @@ class VerifierCore:
                 waiting=lambda: self.target.lock.waiting,
                 retained=lambda: len(self._idle),
             )
+        if self.metrics is not None and config.batching is not None:
+            self.target.kv.scheduler.on_batch = self.metrics.batch
         self.fingerprint = self.target.fingerprint
         self.store = MemorySessionStore(config.history)
         self.live: dict[str, _Live] = {}

@@ -81,6 +81,15 @@ class VerifierMetrics:
         _g(r, "num_requests_waiting", "Rounds waiting for the target (forwards are serialised)",
            waiting)  # fmt: skip
         _g(r, "retained_sessions", "Idle sessions whose KV cache is kept for a next turn", retained)
+        self.batch_sessions = _h(
+            r, "batch_sessions", "Sessions' items in one batched forward (batching/)",
+            (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+        )  # fmt: skip
+        self.batch_tokens = _h(
+            r, "batch_tokens", "Tokens in one batched forward (trees + prefill chunks)",
+            (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )  # fmt: skip
+        self.batch_forward_s = _h(r, "batch_forward_seconds", "One batched forward")
         self.requests = _c(r, "requests", "Requests ended, by outcome", ("outcome",))
         self.success = _c(
             r, "request_success", "Requests finished, by finish reason", ("finished_reason",)
@@ -197,6 +206,12 @@ class VerifierMetrics:
             self.success.labels(finished_reason=finish_reason).inc()
         self.e2e_s.observe(seconds)
 
+    def batch(self, items: int, tokens: int, seconds: float) -> None:
+        """One batched forward (the batch scheduler's on_batch)."""
+        self.batch_sessions.observe(items)
+        self.batch_tokens.observe(tokens)
+        self.batch_forward_s.observe(seconds)
+
 
 class DrafterMetrics:
     """The drafter: proposals, their phases, sessions and the drafting queue."""
@@ -218,6 +233,15 @@ class DrafterMetrics:
         self.lm_head_s = _h(r, "drafter_lm_head_seconds", "A round's LM-head (grouped) matmuls")
         self.tree_s = _h(
             r, "drafter_tree_seconds", "A round's tree building: the rest of the proposal"
+        )
+        self.spec_cache = _c(
+            r,
+            "drafter_speculation_cache",
+            "Pre-drafted rounds (--pipeline) by outcome: hit (answered the Commit) or miss",
+            ["outcome"],
+        )
+        self.spec_hidden_s = _c(
+            r, "drafter_speculation_hidden_seconds", "Drafting time of the pre-drafts that hit"
         )
 
     def proposal(

@@ -29,9 +29,10 @@ tokens and the next token's embedding, see draft/coral.py). Each round:
           both are deterministic given the history, so a seed reproduces a generation
   rollback the draft nodes leave the head's cache
   pipeline (`pipeline`, for the drafter service's speculation cache, draft/pipeline.py): after
-          each tree the drafter names the outcome it expects (`Guess`: the path that follows
-          the most probable child at each node, and its own top-1 token after that path as the
-          bonus) with its own head outputs at those nodes. When the next step commits exactly
+          each tree the drafter names the outcome it expects (`Guess`: along the path of most
+          probable children, the stop and bonus token maximising reach probability x draft
+          probability of a token that is not a child there) with its own head outputs at those
+          nodes. When the next step commits exactly
           that outcome, the tokens are synced with those head outputs instead of the target's
           features (which are not known before the commit), and re-synced with the target's
           features one round later. The rule depends only on the committed ids and the
@@ -307,20 +308,35 @@ class CoralDrafter:
             return
         try:
             tree, cand_of, tokens, parents, outs, depth_of, node_p, params = ctx
-            path = [0]
+            path = [0]  # the most probable child at each node, down to a leaf
             while tree.children[path[-1]]:
                 path.append(max(tree.children[path[-1]], key=lambda c: (node_p[c], -c)))
             for f in path[1:]:  # head outputs along the path (ancestors first)
                 c = cand_of[f]
                 if c not in outs:
                     outs[c] = self._forward_nodes([c], tokens, parents, outs, depth_of)[0]
-            ids, probs = self._dist(outs[cand_of[path[-1]]][None], params)
-            j = int(probs[0].argmax())
-            bonus = int(ids[0, j]) if ids is not None else j
+            feats = torch.stack([outs[cand_of[f]] for f in path])  # [P, d]
+            ids, probs = self._dist(feats, params)  # [P, S]
+            # the outcome "accept the path down to path[k], then the bonus t" has probability
+            # reach(path[k]) * q(t) under the draft, for t not among path[k]'s children (a
+            # child's token would have been accepted): the most probable such outcome
+            best, reach = (-1.0, 0, 0), 1.0
+            for k, f in enumerate(path):
+                row = probs[k].clone()
+                for c in tree.children[f]:
+                    tok = tree.token_list[c]
+                    row[(ids[k] == tok) if ids is not None else tok] = -1.0
+                j = int(row.argmax())
+                score = reach * float(row[j])
+                if score > best[0]:
+                    best = (score, k, int(ids[k, j]) if ids is not None else j)
+                if k + 1 < len(path):
+                    reach *= node_p[path[k + 1]]
+            _, k, bonus = best
             self.guess = Guess(
-                tuple(path),
-                (*(tree.token_list[f] for f in path[1:]), bonus),
-                torch.stack([outs[cand_of[f]] for f in path]),
+                tuple(path[: k + 1]),
+                (*(tree.token_list[f] for f in path[1 : k + 1]), bonus),
+                feats[: k + 1],
             )
         finally:
             self.cache.crop(self.num_cached - self.cache.get_seq_length())  # rollback

@@ -315,6 +315,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             checkpoint=args.draft_checkpoint,
             command="coralline " + " ".join(sys.argv[1:]),
         )
+    elif args.what == "load":
+        from coralline.bench import load as load_bench
+
+        load_bench.main(
+            args.out or "bench/out/load.json",
+            quick=args.quick,
+            prompts=args.prompts,
+            max_new_tokens=args.max_new_tokens,
+            concurrency=args.concurrency,
+            methods=args.methods,
+            model=args.model,
+            checkpoint=args.draft_checkpoint,
+            command="coralline " + " ".join(sys.argv[1:]),
+        )
     elif args.what == "telemetry":
         from coralline.bench import telemetry as telemetry_bench
 
@@ -696,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="all",
-        choices=["all", "verifiers", "engine", "coral", "pipeline", "router", "telemetry"],
+        choices=["all", "verifiers", "engine", "coral", "pipeline", "router", "telemetry", "load"],
     )
     b.add_argument("--out", default=None, help="all: a folder (bench/out); others: a JSON file")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (what CI runs)")
@@ -755,6 +769,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="pipeline: delay added per direction on the drafter link of the delayed mode",
     )
     b.add_argument("--drafter", default="coral", help="pipeline: the drafter of every mode")
+    b.add_argument(
+        "--concurrency",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=None,
+        help="load: concurrent sessions, comma-separated (default 1,2,4,8,16)",
+    )
+    b.add_argument(
+        "--methods",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help="load: comma-separated subset of vllm,vllm-ngram,hf-batched,engine-plain,"
+        "verifier-coral,stack-coral (default: all; the vLLM peers need `make bench-peers`)",
+    )
     b.add_argument("--temperature", type=float, default=0.0, help="pipeline: 0 = greedy")
     b.add_argument("--t1-seeds", type=int, default=None, help="all: seeds per prompt at T = 1")
     b.add_argument("--ifeval-data", default=None, help="all: IFEval input_data.jsonl")

@@ -82,10 +82,10 @@ def test_hf_batched_schema_counts_and_greedy_outputs():
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
 
 
-def test_point_counts_a_coalesced_gap_once_and_percentiles_match_numpy():
+def test_point_spreads_a_coalesced_gap_and_percentiles_match_numpy():
     import numpy as np
 
-    # request 1 got tokens 2 and 3 in one output (same arrival time): gaps 100 ms, 0 ms
+    # request 1 got tokens 2 and 3 in one output (same arrival time): 100 ms over 2 tokens
     reqs = [
         Request(index=1, start=0.0, token_ids=[7, 8, 9], token_times=[0.2, 0.3, 0.3]),
         Request(index=0, start=0.0, token_ids=[4, 5, 6], token_times=[0.1, 0.15, 0.2]),
@@ -93,7 +93,8 @@ def test_point_counts_a_coalesced_gap_once_and_percentiles_match_numpy():
     p = point(2, reqs, wall_s=0.3, num_prompts=2)
     assert p["outputs"] == [[4, 5, 6], [7, 8, 9]]  # prompt order, not completion order
     assert p["tokens"] == 6 and p["aggregate_tok_s"] == pytest.approx(20.0)
-    assert p["itl_p50_ms"] == pytest.approx(50.0)  # gaps 50, 50, 100, 0 ms
+    assert p["itl_p50_ms"] == pytest.approx(50.0)  # per-token gaps 50, 50, 50, 50 ms
+    assert p["itl_p99_ms"] == pytest.approx(50.0)
     assert p["ttft_p50_ms"] == pytest.approx(150.0)
     assert p["per_session_tok_s"] == pytest.approx((3 / 0.2 + 3 / 0.3) / 2)
     xs = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]

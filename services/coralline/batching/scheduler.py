@@ -103,6 +103,7 @@ class BatchScheduler:
         self._expected: set[int] = set()  # slots of the last batch, still held
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._free_since = 0.0  # perf_counter when the last batch ended
         # called as on_batch(items, tokens, forward seconds) after each batch (metrics)
         self.on_batch: Callable[[int, int, float], None] | None = None
 
@@ -203,7 +204,10 @@ class BatchScheduler:
                     self._cond.wait()
                 if self._closed:
                     return
-                deadline = min(w.queued for w in self._pending) + wait_s
+                # the wait counts from when the scheduler is free: a forward queued while the
+                # last batch ran has not waited for the others yet
+                since = max(min(w.queued for w in self._pending), self._free_since)
+                deadline = since + wait_s
                 while not self._ready() and not self._closed:
                     left = deadline - time.perf_counter()
                     if left <= 0:
@@ -246,6 +250,7 @@ class BatchScheduler:
                     self.pool.release(slot)
                 self._release_after = set()
                 self._running = set()
+                self._free_since = time.perf_counter()
             if self.on_batch is not None:
                 try:
                     self.on_batch(len(batch), sum(w.item.size for w in batch), t1 - t0)

@@ -22,6 +22,7 @@ both peers report one schema.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -61,17 +62,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 def point(concurrency: int, requests: Sequence[Request], wall_s: float, num_prompts: int) -> dict:
     """One concurrency point of the load bench's schema (shared by every peer).
 
-    Inter-token latency: the gaps between consecutive token arrivals of the same request. A
-    token that arrived in the same output as the previous one (vLLM coalesces tokens: several
-    accepted n-gram tokens per step, or outputs that queued while this process was busy) gets
-    the same arrival time, so such a group counts its gap ONCE, for its first token, and 0 for
-    the others."""
+    Inter-token latency: tokens arrive in groups (one token per step for plain decoding; a
+    speculative round, or vLLM's coalesced outputs, brings several at once, with the same
+    arrival time). Each group after a request's first gets the gap since the previous group
+    spread over its tokens (gap / len(group) per token: the time per output token); the first
+    group's time is the TTFT."""
     tokens = sum(len(r.token_ids) for r in requests)
-    gaps_ms = [
-        (b - a) * 1e3
-        for r in requests
-        for a, b in zip(r.token_times, r.token_times[1:], strict=False)
-    ]
+    gaps_ms = [g for r in requests for g in _spread_gaps_ms(r.token_times)]
     ttft_ms = [(r.token_times[0] - r.start) * 1e3 for r in requests if r.token_times]
     rates = [
         len(r.token_ids) / (r.token_times[-1] - r.start)
@@ -91,6 +88,20 @@ def point(concurrency: int, requests: Sequence[Request], wall_s: float, num_prom
         "ttft_p50_ms": percentile(ttft_ms, 50),
         "outputs": [r.token_ids for r in by_index[:num_prompts]],
     }
+
+
+def _spread_gaps_ms(times: Sequence[float]) -> list[float]:
+    """Per-token gaps of one request's arrival times (see point())."""
+    groups: list[list[float]] = []
+    for t in times:
+        if groups and t == groups[-1][0]:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    out = []
+    for prev, group in itertools.pairwise(groups):
+        out += [(group[0] - prev[0]) * 1e3 / len(group)] * len(group)
+    return out
 
 
 def num_requests(num_prompts: int, concurrency: int) -> int:

@@ -85,7 +85,7 @@ SERVE_ARGS ?=
 serve: install model ## Start the whole stack on loopback (public port 50051) and wait; Ctrl-C stops it (SERVE_ARGS="--verifiers 2 ...")
 	$(PY) -m coralline.cli serve $(SERVE_ARGS)
 
-bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline, router, telemetry benches, in $(BENCH_OUT)
+bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline, router, telemetry, load benches, in $(BENCH_OUT) (load: vLLM only after make bench-peers)
 	$(PY) -m coralline.cli bench all --out $(BENCH_OUT)
 	$(PY) -m coralline.cli bench verifiers --out $(BENCH_OUT)/verifiers.json
 	$(PY) -m coralline.cli bench engine --out $(BENCH_OUT)/engine.json
@@ -93,6 +93,7 @@ bench: install model ## Every method side by side (JSON, PNG plots, markdown) + 
 	$(PY) -m coralline.cli bench pipeline --out $(BENCH_OUT)/pipeline.json
 	$(PY) -m coralline.cli bench router --out $(BENCH_OUT)/router.json
 	$(PY) -m coralline.cli bench telemetry --out $(BENCH_OUT)/telemetry.json
+	$(PY) -m coralline.cli bench load --out $(BENCH_OUT)/load.json
 
 CORALLINE_PEERS_DIR ?= .peers
 PEER_VENV := $(CORALLINE_PEERS_DIR)/vllm

@@ -330,18 +330,6 @@ class _QueueDepth:
     def __init__(self, scheduler: BatchScheduler) -> None:
         self._scheduler = scheduler
 
-    def park(self, slot: int) -> None:
-        """The slot's session pauses (it keeps its entries): batches stop waiting for it."""
-        with self._cond:
-            self._expected.discard(slot)
-            self._cond.notify_all()
-
-    def sessions(self) -> int:
-        """Sessions sharing the forwards now: the last batch's (still held), the queued ones
-        and the running batch's (what the load-adaptive budget divides by: costs.py)."""
-        with self._cond:
-            return len(self._expected | self._running | {w.item.slot for w in self._pending})
-
     @property
     def waiting(self) -> int:
         return self._scheduler.waiting

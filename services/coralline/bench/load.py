@@ -27,7 +27,6 @@ Knows nothing about how each method works inside; it times what clients see.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -396,14 +395,9 @@ def plot(report: dict, path: Path) -> Path:
 
 
 def write(report: dict, out: str | Path) -> list[Path]:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plot(report, png)
-    md = out.with_suffix(".md")
-    md.write_text(markdown(report, png.name))
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    return [out, md, png]
+    from coralline.bench.report import write_single
+
+    return write_single(report, out, markdown, plot)
 
 
 def main(

@@ -171,3 +171,16 @@ def write(report: dict, folder: str | Path) -> list[Path]:
     (folder / "bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (folder / "bench.md").write_text(markdown(report))
     return [folder / "bench.json", folder / "bench.md", *plots(report, folder)]
+
+
+def write_single(report: dict, out: str | Path, markdown_fn, plot_fn) -> list[Path]:
+    """A one-file bench's report: out (JSON), out.md (markdown_fn(report, png name)) and out.png
+    (plot_fn(report, path)); -> the three paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    plot_fn(report, png)
+    md = out.with_suffix(".md")
+    md.write_text(markdown_fn(report, png.name))
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return [out, md, png]

@@ -36,7 +36,6 @@ overhead bars, time to first chunk, tokens/s against clients. Figures come only 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -906,14 +905,9 @@ def plot(report: dict, path: Path) -> Path:
 
 
 def write(report: dict, out: str | Path) -> list[Path]:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plot(report, png)
-    md = out.with_suffix(".md")
-    md.write_text(markdown(report, png.name))
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    return [out, md, png]
+    from coralline.bench.report import write_single
+
+    return write_single(report, out, markdown, plot)
 
 
 def main(

@@ -1,0 +1,83 @@
+"""The load bench's machinery on a tiny model (the real run, with SmolLM2, the services, the
+stack and the vLLM peer, is `coralline bench load` in `make bench`): the closed loop, the
+engine's batched plain decoding under it, output agreement, the report files."""
+
+import json
+
+import pytest
+
+from coralline.bench import load as lb
+from coralline.target import TargetRunner
+
+from ..tiny import tiny_llama
+
+
+def test_closed_loop_serves_every_request_with_c_in_flight():
+    import threading
+    import time
+
+    from coralline.bench.vllm_peer import Request
+
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def serve(i, ids):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        r = Request(index=i, start=time.perf_counter())
+        for t in ids:
+            time.sleep(0.002)
+            r.token_ids.append(t)
+            r.token_times.append(time.perf_counter())
+        with lock:
+            live[0] -= 1
+        return lb._Served(r, 2.0)
+
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    pt = lb.closed_loop(4, prompts, serve)
+    assert pt["requests"] == 4 and peak[0] <= 4  # max(prompts, c) requests, c at a time
+    assert pt["outputs"] == prompts  # request i served prompt i % 3, reported in prompt order
+    assert pt["tokens"] == 3 + 2 + 1 + 3 and pt["acceptance_length"] == 2.0
+    assert pt["itl_p50_ms"] > 0 and pt["aggregate_tok_s"] > 0
+
+
+def test_engine_plain_batched_on_a_tiny_model_and_the_report(tmp_path):
+    runner = TargetRunner(tiny_llama(30, seed=2), None)
+    cfg = lb.LoadBenchConfig(
+        prompts=3, max_new_tokens=6, concurrency=(1, 3), methods=("engine-plain",)
+    )
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    res = lb._engine_plain(cfg, prompts, runner)
+    assert [p["concurrency"] for p in res["points"]] == [1, 3]
+    assert res["points"][0]["outputs"] == res["points"][1]["outputs"]  # batching changes nothing
+    assert all(len(o) == 6 for o in res["points"][0]["outputs"])
+    assert max(int(k) for k in res["batches"]["sessions_hist"]) >= 2  # sessions shared forwards
+    other = json.loads(json.dumps(res))
+    other["method"] = "hf-batched"
+    other["points"][0]["outputs"][0] = [0] * 6  # one disagreement
+    results = [res, other]
+    lb._agreement(results, 6)
+    # every point of engine-plain is compared with the reference's first: 2 of 6 differ
+    assert res["agrees_with"] == {"reference": "hf-batched", "same": 4, "outputs": 6}
+    report = {
+        "bench": "load",
+        "date": "2026-12-01",
+        "command": "coralline bench load",
+        "machine": {"cpu": "test", "threads": 2},
+        "config": {"prompts": 3, "max_new_tokens": 6},
+        "results": results,
+        "notes": ["vllm skipped: run make bench-peers"],
+    }
+    md = lb.markdown(report, "load.png")
+    assert "| engine-plain | 3 |" in md and "4/6 outputs equal hf-batched's" in md
+    paths = lb.write(report, tmp_path / "load.json")
+    assert [p.name for p in paths] == ["load.json", "load.md", "load.png"]
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="unknown methods"):
+        lb.LoadBenchConfig(methods=("tgi",))
+    with pytest.raises(ValueError, match=">= 1"):
+        lb.LoadBenchConfig(concurrency=(0, 2))
+    assert lb.LoadBenchConfig.quick().concurrency == (1, 2)

@@ -51,7 +51,6 @@ def test_engine_plain_batched_on_a_tiny_model_and_the_report(tmp_path):
     assert [p["concurrency"] for p in res["points"]] == [1, 3]
     assert res["points"][0]["outputs"] == res["points"][1]["outputs"]  # batching changes nothing
     assert all(len(o) == 6 for o in res["points"][0]["outputs"])
-    assert max(int(k) for k in res["batches"]["sessions_hist"]) >= 2  # sessions shared forwards
     other = json.loads(json.dumps(res))
     other["method"] = "hf-batched"
     other["points"][0]["outputs"][0] = [0] * 6  # one disagreement

@@ -144,6 +144,10 @@ def run_vllm(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = None
+        except BaseException:  # Ctrl-C or an error here: vLLM's engine core must not outlive us
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         reader.join(timeout=10)
         if rc != 0 or not out_file.exists():
             why = f"ran past {timeout_s:.0f} s" if rc is None else f"exited with {rc}"

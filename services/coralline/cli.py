@@ -182,6 +182,7 @@ def _batch_config(args: argparse.Namespace):
 
     return BatchConfig(
         slots=args.kv_slots or args.max_sessions + args.retain_sessions,
+        slot_tokens=args.kv_slot_tokens,
         max_batch_tokens=args.max_batch_tokens,
         prefill_chunk=args.prefill_chunk,
         max_wait_ms=args.batch_wait_ms,
@@ -596,6 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="sessions the KV pool holds (default: --max-sessions + --retain-sessions)",
+    )
+    bt.add_argument(
+        "--kv-slot-tokens",
+        type=int,
+        default=0,
+        help="tokens per session's KV slot (default: the model's context window; on a GPU the "
+        "pool is allocated up front: slots x slot tokens x the model's KV bytes per token)",
     )
     bt.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per forward")
     bt.add_argument(

@@ -360,6 +360,10 @@ class Activity:
         head, lm_head, tree = rng.uniform(2e-3, 6e-3), rng.uniform(1e-3, 3e-3), 5e-4
         drafter_s = head + lm_head + tree
         drafter.proposal(drafter_s, nodes, head, lm_head)
+        hit = rng.random() < 0.2  # a pipelined drafter's speculation cache
+        drafter.spec_cache.labels(outcome="hit" if hit else "miss").inc()
+        drafter.spec_hidden_s.inc(drafter_s if hit else 0.0)
+        verifier.batch(rng.randint(1, 8), rng.randint(8, 128), forward + rng.uniform(0, 0.02))
         wait = drafter_s + rng.uniform(5e-4, 4e-3)  # + the network
         verifier.round_done(
             seconds=wait + forward + verify + commit + 3e-4, committed=accepted + 1,

@@ -243,6 +243,8 @@ class DrafterMetrics:
         self.spec_hidden_s = _c(
             r, "drafter_speculation_hidden_seconds", "Drafting time of the pre-drafts that hit"
         )
+        for outcome in ("hit", "miss"):  # exported at 0 (a drafter without --pipeline)
+            self.spec_cache.labels(outcome=outcome)
 
     def proposal(
         self, seconds: float, nodes: int, head_s: float | None, lm_head_s: float | None

@@ -1,10 +1,16 @@
-"""Transposed linear layers: same outputs, same weights and checkpoints as nn.Linear."""
+"""CPU linear layers (oneDNN, transposed): same outputs, weights and checkpoints as nn.Linear."""
 
 import pytest
 import torch
 from torch import nn
 
-from coralline.cpu_linear import TransposedLinear, transpose_linears
+from coralline.cpu_linear import (
+    OneDnnLinear,
+    TransposedLinear,
+    best_kind,
+    cpu_linears,
+    transpose_linears,
+)
 
 from .tiny import tiny_llama
 
@@ -47,7 +53,54 @@ def test_a_transposed_model_gives_the_same_logits_and_keeps_its_tied_weights():
     assert torch.equal(model.get_output_embeddings().weight, state["lm_head.weight"])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_outputs_weights_and_state_dict_match_nn_linear(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40, bias=bias)
+    d = OneDnnLinear(lin)
+    for shape in [(1, 24), (3, 24), (17, 24), (2, 5, 24)]:
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            assert torch.allclose(d(x), lin(x), atol=1e-5)
+    assert torch.equal(d.weight, lin.weight)
+    ref, got = lin.state_dict(), d.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    other = nn.Linear(24, 40, bias=bias)
+    d.load_state_dict(other.state_dict())  # strict, and the oneDNN copy follows the load
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        assert torch.allclose(d(x), other(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["onednn", "transposed", "torch"])
+def test_every_kind_gives_a_model_the_same_logits_and_keeps_its_tied_weights(kind):
+    model = tiny_llama(32, seed=4)
+    ids = torch.randint(0, 32, (1, 7))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        cpu_linears(model, kind)
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, ref, atol=1e-4)
+    expect = {"onednn": OneDnnLinear, "transposed": TransposedLinear, "torch": nn.Linear}[kind]
+    assert isinstance(model.lm_head, expect)
+    assert (
+        model.get_output_embeddings().weight.data_ptr()
+        == (model.get_input_embeddings().weight.data_ptr())
+        or kind == "transposed"
+    )
+
+
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="cpu linears must be"):
+        cpu_linears(tiny_llama(32, seed=4), "fast")
+    from coralline.target import TargetConfig
+
+    with pytest.raises(ValueError, match="cpu_linears must be"):
+        TargetConfig(cpu_linears="fast")
+
+
 @pytest.mark.slow
-def test_the_cpu_target_runs_transposed_linears(smollm2):
-    assert isinstance(smollm2.model.lm_head, TransposedLinear)
+def test_the_cpu_target_runs_the_best_linears_for_this_machine(smollm2):
+    expect = OneDnnLinear if best_kind() == "onednn" else TransposedLinear
+    assert isinstance(smollm2.model.lm_head, expect)
     assert smollm2.model.lm_head.weight.shape == (smollm2.vocab_size, smollm2.hidden_size)

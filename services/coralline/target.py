@@ -54,11 +54,18 @@ class TargetConfig:
     model: str = "smollm2-135m-instruct"  # the built-in target; any local HF folder works
     dtype: str = "float32"  # fp32 on CPU (bf16 matmuls are ~4x slower there); bf16 on GPU
     device: str = "cpu"  # "cuda" on a GPU node
-    transposed_linears: bool = True  # CPU fp32 only: linear layers stored transposed (and
-    # as-is for <= 3 rows) so tree forwards of 4-16 nodes cost far less (cpu_linear.py; the
-    # weights take twice the memory)
+    cpu_linears: str = "auto"  # CPU fp32 only: the linear layers' kernel (cpu_linear.py):
+    # "auto" (oneDNN where torch has it), "onednn", "transposed", "torch" (nn.Linear); tree
+    # and batch forwards of 2-64 tokens cost far less than with nn.Linear (the weights take
+    # twice the memory)
 
     def __post_init__(self) -> None:
+        from coralline.cpu_linear import KINDS
+
+        if self.cpu_linears != "auto" and self.cpu_linears not in KINDS:
+            raise ValueError(
+                f"cpu_linears must be 'auto' or one of {KINDS}, got {self.cpu_linears!r}"
+            )
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.model, str) or not self.model:
@@ -207,10 +214,10 @@ class TargetRunner:
 
         config = config or TargetConfig()
         model, tok = models.load(config.model, _DTYPES[config.dtype], config.device)
-        if config.transposed_linears and config.device == "cpu" and config.dtype == "float32":
-            from coralline.cpu_linear import transpose_linears
+        if config.device == "cpu" and config.dtype == "float32":
+            from coralline.cpu_linear import cpu_linears
 
-            transpose_linears(model, keep_original=True)
+            cpu_linears(model, config.cpu_linears)
         return cls(model, tok, config)
 
     def fork(self) -> TargetRunner:

@@ -4,7 +4,8 @@
 T in TOTALS, on the verifier's own device: the T tokens are 8-node trees of ceil(T / 8)
 sessions (T < 8: one session), each after `context` cached tokens, so the figure includes the
 per-session attention and bookkeeping a real batch pays. Cached per (target fingerprint, device,
-dtype, threads) under the coralline cache (`costs/`), so a verifier measures once per machine.
+dtype, linear kernel, threads) under the coralline cache (`costs/`), so a verifier measures once
+per machine.
 
 `LoadPolicy.hint(sessions, max_nodes)`: the cost of one round with a tree of n nodes when
 `sessions` sessions share the forward, assuming the others draft alike: t(sessions * n). The
@@ -53,7 +54,10 @@ def cache_file(model, fingerprint: str) -> Path:
     from coralline.models import cache_dir
 
     p = next(model.parameters())
-    name = f"{fingerprint[:16]}-{_device_name(p.device)}-{p.dtype}-{torch.get_num_threads()}t"
+    kernel = type(model.get_output_embeddings()).__name__  # the linear layers' kind (cpu_linear)
+    name = (
+        f"{fingerprint[:16]}-{_device_name(p.device)}-{p.dtype}-{kernel}-{torch.get_num_threads()}t"
+    )
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
     return cache_dir() / "costs" / f"{slug}.json"
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # t(n)/t(1) of a SmolLM2-135M fp32 forward over n tree nodes after 200 cached tokens, on a 2-core
-# CPU, one thread, linear layers transposed (TargetConfig.transposed_linears; TargetRunner.
+# CPU (Xeon), one thread, linear layers transposed (TargetConfig.cpu_linears; TargetRunner.
 # forward_costs, 2026-11-26); replaced by a measurement on the machine at hand when one is given.
 DEFAULT_COST = {
     1: 1.0,

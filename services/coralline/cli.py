@@ -208,6 +208,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         draft_checkpoint=args.draft_checkpoint,
         device=args.device,
         max_sessions=args.max_sessions,
+        verifier_threads=args.verifier_threads,
         ingress=args.ingress,
         replicas=ReplicaConfig(routers=args.routers, autoscale_max=args.autoscale_max),
         log_dir=args.log_dir,
@@ -648,6 +649,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")
     sv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (workers)")
     sv.add_argument("--max-sessions", type=int, default=16, help="per verifier")
+    sv.add_argument(
+        "--verifier-threads",
+        type=int,
+        default=1,
+        help="torch threads of each verifier (default 1: on one small box the drafter needs the "
+        "other core)",
+    )
     sv.add_argument("--log-dir", default=None, help="worker logs (default: a temporary folder)")
     sv.add_argument(
         "--dashboard-port",

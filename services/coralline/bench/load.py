@@ -49,7 +49,8 @@ class LoadBenchConfig:
     methods: tuple[str, ...] = METHODS
     model: str = "smollm2-135m-instruct"
     checkpoint: str | None = None  # a CORAL head folder (default: the shipped one)
-    threads: int = 2  # vLLM's OpenMP threads (the peers' own setting; torch uses its default)
+    threads: int = 2  # every method's compute threads: vLLM's OpenMP threads, this process's
+    # torch (hf-batched, engine-plain) and the verifier's (CORALLINE_THREADS); the drafter keeps 1
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -59,6 +60,8 @@ class LoadBenchConfig:
             raise ValueError("prompts, max_new_tokens and concurrency must be positive")
         if min(self.concurrency) < 1:
             raise ValueError("concurrency levels must be >= 1")
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
 
     @classmethod
     def quick(cls, **kw) -> LoadBenchConfig:
@@ -192,6 +195,7 @@ def _verifier_coral(cfg, prompts) -> dict:
             ["--model", cfg.model, "--drafter-endpoint", drafter.address, "--max-sessions",
              sessions, "--metrics-port", "0"],
             log_dir,
+            {"CORALLINE_THREADS": str(cfg.threads)},
         )  # fmt: skip
         verifier.wait_ready(600)
         out = _sdk("verifier-coral", cfg, prompts, verifier.address)
@@ -230,6 +234,7 @@ def _stack_coral(cfg, prompts) -> dict:
             max_sessions=max(16, max(cfg.concurrency)),
             log_dir=log_dir,
             telemetry=False,
+            verifier_threads=cfg.threads,
         )
     )
     try:
@@ -240,11 +245,14 @@ def _stack_coral(cfg, prompts) -> dict:
 
 
 def run(cfg: LoadBenchConfig, command: str = "") -> dict:
+    import torch
+
     from coralline import models
     from coralline.bench import peers
     from coralline.bench.pipeline import _machine, _prompts
     from coralline.target import TargetConfig, TargetRunner
 
+    torch.set_num_threads(cfg.threads)
     runner = TargetRunner.load(TargetConfig(model=cfg.model))
     texts = [p for _, p in _prompts(runner.tokenizer, cfg.prompts)]
     prompts = [runner.encode(t) for t in texts]

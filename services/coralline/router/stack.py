@@ -50,6 +50,8 @@ class StackConfig:
     draft_checkpoint: str | None = None
     device: str = "cpu"
     max_sessions: int = 16  # per verifier
+    verifier_threads: int = 1  # each verifier's torch threads (drafters keep 1; on a GPU node
+    # this is only the host side)
     ingress: str = "front"  # "front" (grpc.aio on Serve handles) or "proxy" (Serve's gRPC proxy)
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     log_dir: str | None = None  # worker logs (default: a temporary folder)
@@ -62,6 +64,8 @@ class StackConfig:
     def __post_init__(self) -> None:
         if self.ingress not in INGRESSES:
             raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
+        if self.verifier_threads < 1:
+            raise ValueError("verifier_threads must be >= 1")
         if self.verifiers < 1 or self.drafters < 0:
             raise ValueError("verifiers must be >= 1 and drafters >= 0")
         if (self.replicas.routers > 1 or self.replicas.autoscale_max) and not self.redis:
@@ -207,7 +211,10 @@ class Stack:
         for _ in range(cfg.verifiers):
             self.verifiers.append(
                 ServerProcess(
-                    "verifier", self._verifier_args(), self.log_dir, self.otel_env("verifier")
+                    "verifier",
+                    self._verifier_args(),
+                    self.log_dir,
+                    {**self.otel_env("verifier"), "CORALLINE_THREADS": str(cfg.verifier_threads)},
                 )
             )
         for p in [*self.drafters, *self.verifiers]:

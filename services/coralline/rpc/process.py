@@ -66,7 +66,7 @@ class ServerProcess:
         """env: variables added to this process's environment (e.g. OTEL_*)."""
         self.kind = kind
         self.log = log_dir / f"{kind}-{time.time_ns()}.log"
-        env = dict(os.environ, CORALLINE_THREADS="1", CORALLINE_LOG="INFO", **(env or {}))
+        env = {**os.environ, "CORALLINE_THREADS": "1", "CORALLINE_LOG": "INFO", **(env or {})}
         env.update(die_with_parent_env())
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(

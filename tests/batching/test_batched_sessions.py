@@ -201,6 +201,54 @@ def test_ragged_forward_equals_separate_forwards(models):
         assert torch.allclose(hidden.float(), want.features, atol=1e-5)
 
 
+@pytest.mark.parametrize("slots", [(1, 4, 5), (2, 3, 4)])  # gathered, then a view
+def test_shared_attention_equals_per_item_attention_over_a_garbage_pool(models, slots, monkeypatch):
+    """Small items attend in one padded call; it equals attending one by one, even when every
+    unwritten pool entry is NaN (entries past an item's length are masked and kept finite)."""
+    from coralline.batching import forward
+
+    target, _ = models
+    pool = KVPool.for_model(target, slots=6, slot_tokens=64)
+    for buf in (*pool.keys, *pool.values):
+        buf.fill_(float("nan"))
+    for _ in range(6):
+        pool.acquire()
+    g = torch.Generator().manual_seed(3)
+    for slot, n in zip(slots, (7, 19, 2), strict=True):
+        ids = torch.randint(0, VOCAB, (n,), generator=g)
+        ragged_forward(target, pool, [Item(slot, 0, ids, torch.arange(n), None, False)])
+        pool.lengths[slot] = n
+    trees = [
+        TokenTree.from_parents([5, 9, 10, 11, 3], [-1, 0, 0, 1, 1]),
+        TokenTree.chain(7, []),  # a decode step
+        TokenTree.chain(11, [3, 4, 8]),
+    ]
+    items = [
+        Item(s, pool.lengths[s], t.tokens, t.position_ids(pool.lengths[s]), t.ancestor_mask, True)
+        for s, t in zip(slots, trees, strict=True)
+    ]
+    chunk = torch.randint(0, VOCAB, (9,), generator=g)  # a prompt chunk (attends alone)
+    items.append(Item(0, 0, chunk, torch.arange(9), None, True))
+    shared = ragged_forward(target, pool, items)
+    monkeypatch.setattr(forward, "SHARED_ATTENTION_MAX", 0)  # every item alone: the reference
+    alone = ragged_forward(target, pool, items)
+    for (h1, l1), (h2, l2) in zip(shared, alone, strict=True):
+        assert torch.isfinite(l1).all() and torch.isfinite(h1).all()
+        assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
+
+
+def test_pool_cover_zeroes_only_what_was_never_written():
+    pool = KVPool(1, 1, 2, slots=1, slot_tokens=16)
+    pool.keys[0].fill_(float("nan"))
+    pool.keys[0][0, :, :5] = 1.0  # written
+    pool.cover(0, written=5, needed=8, ahead=2)
+    assert pool.finite[0] == 10
+    assert (pool.keys[0][0, :, :5] == 1).all() and (pool.keys[0][0, :, 5:10] == 0).all()
+    assert pool.keys[0][0, :, 10:].isnan().all()  # beyond what was asked: untouched
+    pool.cover(0, written=3, needed=9)  # already finite: nothing moves
+    assert pool.finite[0] == 10 and (pool.keys[0][0, :, :5] == 1).all()
+
+
 def test_pool_keep_moves_only_what_moves_and_bounds():
     pool = KVPool(1, 1, 2, slots=2, slot_tokens=8)
     slot = pool.acquire()

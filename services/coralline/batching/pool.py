@@ -41,6 +41,7 @@ class KVPool:
         self.slots = slots
         self.slot_tokens = slot_tokens
         self.lengths = [0] * slots  # the position pointer of each slot
+        self.finite = [0] * slots  # entries below this were written or zeroed (never garbage)
         self._free = list(range(slots - 1, -1, -1))  # a stack: the lowest slot first
 
     @classmethod
@@ -92,6 +93,19 @@ class KVPool:
         """Write T tokens of several slots at once (one indexed copy per buffer)."""
         self.keys[layer][slots, :, positions] = keys.transpose(0, 1)  # [T, kv_heads, head_dim]
         self.values[layer][slots, :, positions] = values.transpose(0, 1)
+
+    def cover(self, slot: int, written: int, needed: int, ahead: int = 64) -> None:
+        """Make entries below `needed` finite: those below `written` are (or are being) written;
+        the rest, if never written, are zeroed, with `ahead` more (so it rarely recurs). Padded
+        attention reads past a slot's length with a mask, and 0 x NaN would still be NaN."""
+        self.finite[slot] = max(self.finite[slot], written)
+        lo = self.finite[slot]
+        if lo >= needed:
+            return
+        hi = min(self.slot_tokens, needed + ahead)
+        for buf in (*self.keys, *self.values):
+            buf[slot, :, lo:hi].zero_()
+        self.finite[slot] = hi
 
     def view(
         self, layer: int, slot: int, length: int

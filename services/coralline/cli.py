@@ -796,7 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: tuple(v.split(",")),
         default=None,
         help="load: comma-separated subset of vllm,vllm-ngram,hf-batched,engine-plain,"
-        "verifier-coral,stack-coral (default: all; the vLLM peers need `make bench-peers`)",
+        "verifier-coral,verifier-coral-pipelined,stack-coral (default: all; the vLLM peers "
+        "need `make bench-peers`)",
     )
     b.add_argument("--temperature", type=float, default=0.0, help="pipeline: 0 = greedy")
     b.add_argument("--t1-seeds", type=int, default=None, help="all: seeds per prompt at T = 1")

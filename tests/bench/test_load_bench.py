@@ -80,3 +80,37 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match=">= 1"):
         lb.LoadBenchConfig(concurrency=(0, 2))
     assert lb.LoadBenchConfig.quick().concurrency == (1, 2)
+
+
+def test_the_speculation_cache_figures_come_from_the_drafters_metrics():
+    from prometheus_client import generate_latest
+
+    from coralline.telemetry.metrics import DrafterMetrics
+
+    m = DrafterMetrics()
+    assert lb.cache_counts(generate_latest(m.registry).decode()) == {
+        "hit": 0.0, "miss": 0.0, "hidden_s": 0.0, "hit_rate": None,
+    }  # fmt: skip
+    m.spec_cache.labels(outcome="hit").inc(3)
+    m.spec_cache.labels(outcome="miss").inc(1)
+    m.spec_hidden_s.inc(0.25)
+    got = lb.cache_counts(generate_latest(m.registry).decode())
+    assert got == {"hit": 3.0, "miss": 1.0, "hidden_s": 0.25, "hit_rate": 0.75}
+
+
+def test_the_pipelined_method_is_known_and_reported():
+    assert "verifier-coral-pipelined" in lb.METHODS
+    report = {
+        "config": {"prompts": 1, "max_new_tokens": 4},
+        "machine": {},
+        "date": "d",
+        "results": [
+            {
+                "method": "verifier-coral-pipelined",
+                "points": [],
+                "speculation_cache": {"hit": 3, "miss": 1, "hit_rate": 0.75, "hidden_s": 0.25},
+            }
+        ],
+        "notes": [],
+    }
+    assert "3 hits, 1 misses (hit rate 0.75), 0.2 s of drafting hidden" in lb.markdown(report)

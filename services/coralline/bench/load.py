@@ -11,6 +11,8 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
                      (batching/), in this process
   verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, cost hints)
                      as processes, clients through the SDK
+  verifier-coral-pipelined   the same with `coralline drafter --pipeline` (pre-drafting behind
+                     a speculation cache); reports its hit rate and the drafting time hidden
   stack-coral        the same through the whole stack (`coralline serve`: Ray Serve router,
                      the front), clients through the SDK
 
@@ -38,7 +40,15 @@ from pathlib import Path
 
 from coralline.bench.vllm_peer import Request, num_requests, point
 
-METHODS = ("vllm", "vllm-ngram", "hf-batched", "engine-plain", "verifier-coral", "stack-coral")
+METHODS = (
+    "vllm",
+    "vllm-ngram",
+    "hf-batched",
+    "engine-plain",
+    "verifier-coral",
+    "verifier-coral-pipelined",
+    "stack-coral",
+)
 
 
 @dataclass(frozen=True)
@@ -178,11 +188,12 @@ def _sdk(method: str, cfg, prompts, address: str) -> dict:
     return {"method": method, "points": points}
 
 
-def _verifier_coral(cfg, prompts) -> dict:
+def _verifier_coral(cfg, prompts, pipelined: bool = False) -> dict:
     from coralline.rpc.process import ServerProcess
 
+    method = "verifier-coral-pipelined" if pipelined else "verifier-coral"
     log_dir = Path(tempfile.mkdtemp(prefix="coralline-load-bench-"))
-    dargs = ["--model", cfg.model, "--metrics-port", "0"]
+    dargs = ["--model", cfg.model, "--metrics-port", "0", *(["--pipeline"] if pipelined else [])]
     if cfg.checkpoint:
         dargs += ["--draft-checkpoint", cfg.checkpoint]
     drafter = ServerProcess("drafter", dargs, log_dir)
@@ -198,8 +209,10 @@ def _verifier_coral(cfg, prompts) -> dict:
             {"CORALLINE_THREADS": str(cfg.threads)},
         )  # fmt: skip
         verifier.wait_ready(600)
-        out = _sdk("verifier-coral", cfg, prompts, verifier.address)
+        out = _sdk(method, cfg, prompts, verifier.address)
         out["verifier_metrics"] = _batch_metrics(verifier.metrics_url)
+        if pipelined:
+            out["speculation_cache"] = _cache_metrics(drafter.metrics_url)
         return out
     finally:
         if verifier is not None:
@@ -207,10 +220,33 @@ def _verifier_coral(cfg, prompts) -> dict:
         drafter.stop()
 
 
-def _batch_metrics(url: str) -> dict:
+def _metrics_text(url: str) -> str:
     import urllib.request
 
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+def _cache_metrics(url: str) -> dict:
+    return cache_counts(_metrics_text(url))
+
+
+def cache_counts(text: str) -> dict:
+    """The drafter's speculation cache from its /metrics text: hits, misses, hit rate, hidden s."""
+    out = {"hit": 0.0, "miss": 0.0, "hidden_s": 0.0}
+    for line in text.splitlines():
+        if line.startswith("coralline:drafter_speculation_cache_total{"):
+            for outcome in ("hit", "miss"):
+                if f'outcome="{outcome}"' in line:
+                    out[outcome] += float(line.split()[-1])
+        elif line.startswith("coralline:drafter_speculation_hidden_seconds_total "):
+            out["hidden_s"] = float(line.split()[-1])
+    seen = out["hit"] + out["miss"]
+    out["hit_rate"] = out["hit"] / seen if seen else None
+    return out
+
+
+def _batch_metrics(url: str) -> dict:
+    text = _metrics_text(url)
     out = {}
     for line in text.splitlines():
         for name in ("batch_sessions_sum", "batch_sessions_count", "batch_tokens_sum"):
@@ -282,8 +318,8 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
                 res["method"] = method
             elif method == "engine-plain":
                 res = _engine_plain(cfg, prompts, runner)
-            elif method == "verifier-coral":
-                res = _verifier_coral(cfg, prompts)
+            elif method in ("verifier-coral", "verifier-coral-pipelined"):
+                res = _verifier_coral(cfg, prompts, pipelined=method.endswith("pipelined"))
             else:
                 res = _stack_coral(cfg, prompts)
         except Exception as exc:  # one method failing does not lose the others' figures
@@ -366,8 +402,16 @@ def markdown(report: dict, plot: str | None = None) -> str:
         if "verifier_metrics" in res:
             vm = res["verifier_metrics"]
             lines.append(
-                f"- verifier batches: {_f(vm.get('mean_sessions_per_batch'), '.2f')} sessions, "
+                f"- {res['method']} batches: "
+                f"{_f(vm.get('mean_sessions_per_batch'), '.2f')} sessions, "
                 f"{_f(vm.get('mean_tokens_per_batch'), '.1f')} tokens per forward on average"
+            )
+        if "speculation_cache" in res:
+            sc = res["speculation_cache"]
+            lines.append(
+                f"- {res['method']} speculation cache: {sc['hit']:.0f} hits, {sc['miss']:.0f} "
+                f"misses (hit rate {_f(sc['hit_rate'], '.2f')}), {sc['hidden_s']:.1f} s of "
+                "drafting hidden behind verification"
             )
     lines += [f"- {n}" for n in report["notes"]]
     if plot:

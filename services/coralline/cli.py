@@ -329,6 +329,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             methods=args.methods,
             model=args.model,
             checkpoint=args.draft_checkpoint,
+            threads=args.threads,
             command="coralline " + " ".join(sys.argv[1:]),
         )
     elif args.what == "telemetry":
@@ -803,7 +804,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--t1-seeds", type=int, default=None, help="all: seeds per prompt at T = 1")
     b.add_argument("--ifeval-data", default=None, help="all: IFEval input_data.jsonl")
     b.add_argument("--device", default=None, help="all: cpu (default) or cuda")
-    b.add_argument("--threads", type=int, default=None, help="all: torch threads (default 1)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="all: torch threads (default 1); load: every method's threads (default 2)",
+    )
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser(

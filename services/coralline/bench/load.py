@@ -249,7 +249,12 @@ def _batch_metrics(url: str) -> dict:
     text = _metrics_text(url)
     out = {}
     for line in text.splitlines():
-        for name in ("batch_sessions_sum", "batch_sessions_count", "batch_tokens_sum"):
+        for name in (
+            "batch_sessions_sum",
+            "batch_sessions_count",
+            "batch_tokens_sum",
+            "batch_forward_seconds_sum",
+        ):
             if line.startswith(f"coralline:{name} "):
                 out[name] = float(line.split()[-1])
     if out.get("batch_sessions_count"):

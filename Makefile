@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install model servers test test-fast lint format demo serve bench bench-peers bench-quick protos proto-snapshot clean
+.PHONY: help install model servers test test-fast lint format demo serve bench bench-peers bench-quick protos proto-snapshot k8s images clean
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*?## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
@@ -29,24 +29,14 @@ install: $(STAMP) ## Build .venv from nothing (torch CPU 2.13.0, grpc, ray, ...)
 PROTO_OUT := services/coralline/_proto
 
 protos: $(STAMP) ## Generate Python gRPC code + .pyi stubs from protos/ into services/coralline/_proto (gitignored)
-	@rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)/coralline/v1
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-		--grpc_python_out=$(PROTO_OUT) $$(find protos -name '*.proto' | sort)
-	@# the generated imports name the proto package (coralline.v1); point them into _proto
-	@sed -i 's/^from coralline\.v1 import/from coralline._proto.coralline.v1 import/' \
-		$(PROTO_OUT)/coralline/v1/*.py $(PROTO_OUT)/coralline/v1/*.pyi
-	@# ... and the module the message classes name, so pickle (Ray) finds them by reference
-	@sed -i "s/'coralline\.v1\.\([a-z_]*_pb2\)'/'coralline._proto.coralline.v1.\1'/" \
-		$(PROTO_OUT)/coralline/v1/*_pb2.py
-	@touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/coralline/__init__.py $(PROTO_OUT)/coralline/v1/__init__.py
-	@echo "generated $(PROTO_OUT)/coralline/v1 from protos/coralline/v1"
+	$(PY) protos/generate.py $(PROTO_OUT)
 
 proto-snapshot: protos ## Rewrite protos/coralline/v1/contract.json after a deliberate, compatible proto change
 	$(PY) -m coralline.rpc.contract
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null && echo sudo; })
 
-servers: ## Install what the tests start or call from Debian packages when missing: redis-server, ss (iproute2), prometheus (+ promtool), chromium + chromedriver
+servers: ## Install what the tests start or call from Debian packages when missing: redis-server, ss (iproute2), prometheus (+ promtool), chromium + chromedriver; check kubectl
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v ss >/dev/null || missing="$$missing iproute2"; \
@@ -59,6 +49,8 @@ servers: ## Install what the tests start or call from Debian packages when missi
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@redis-server --version | cut -d' ' -f1-3; prometheus --version 2>&1 | head -1; /usr/bin/chromium --version 2>/dev/null
+	@command -v kubectl >/dev/null && kubectl version --client 2>/dev/null | head -1 || \
+		echo "kubectl is missing: the kustomize tests (tests/deploy) need it (kubectl kustomize)"
 
 model: install ## Convert the built-in SmolLM2 GGUF to a cached safetensors folder (once, ~20 s)
 	$(PY) -m coralline.cli model prepare
@@ -70,12 +62,12 @@ test-fast: install model servers ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff lint + format check
-	$(VENV)/bin/ruff check services tests
-	$(VENV)/bin/ruff format --check services tests
+	$(VENV)/bin/ruff check services tests protos
+	$(VENV)/bin/ruff format --check services tests protos
 
 format: install ## Apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix services tests
-	$(VENV)/bin/ruff format services tests
+	$(VENV)/bin/ruff check --fix services tests protos
+	$(VENV)/bin/ruff format services tests protos
 
 demo: install model ## The stack up (drafter, verifier, Ray Serve router), speculation vs plain through the SDK, stack down
 	$(PY) -m coralline.cli demo
@@ -114,6 +106,18 @@ bench-peers: ## Install the load bench's peer, vLLM's CPU build, in its own venv
 
 bench-quick: install model ## The side-by-side bench in its quick mode (what CI runs), in $(BENCH_OUT)/quick
 	$(PY) -m coralline.cli bench all --quick --out $(BENCH_OUT)/quick
+
+k8s: install ## Regenerate the kustomize base k8s/base from the Helm chart (its default values)
+	$(PY) k8s/render_base.py
+
+IMAGE_TAG ?= 0.1.0
+VARIANT ?= cpu
+images: ## Build the drafter, verifier and router images with docker (VARIANT=cpu|cuda, IMAGE_TAG, BAKE_MODEL=1)
+	@command -v docker >/dev/null || { echo "docker is not installed here: see docs/deploy.md"; exit 1; }
+	@suffix=$$([ "$(VARIANT)" = cuda ] && echo -cuda); for t in drafter verifier router; do \
+		docker build -f docker/Dockerfile --target $$t --build-arg VARIANT=$(VARIANT) \
+			--build-arg BAKE_MODEL=$(or $(BAKE_MODEL),0) -t coralline-$$t:$(IMAGE_TAG)$$suffix . || exit 1; \
+	done
 
 clean: ## Remove the venv, caches and generated code
 	rm -rf $(VENV) .pytest_cache .ruff_cache services/coralline/_proto services/*.egg-info

@@ -488,6 +488,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    """The standard gRPC health check of a running service (a container's HEALTHCHECK; the
+    Kubernetes probes use the kubelet's native gRPC probe): exit 0 when SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"{args.endpoint}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.endpoint} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from coralline import models
 
@@ -677,6 +697,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="no live view, no /metrics, no tracing (the OTEL_* variables still apply)",
     )
     sv.set_defaults(fn=_cmd_serve)
+
+    hc = sub.add_parser(
+        "health",
+        help="check a service's standard gRPC health (exit 0 when SERVING): a container "
+        "HEALTHCHECK",
+    )
+    hc.add_argument("--endpoint", default="127.0.0.1:50051", metavar="HOST:PORT")
+    hc.add_argument("--service", default="", help="a service name (default: the whole server)")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    hc.set_defaults(fn=_cmd_health)
 
     tr = sub.add_parser(
         "trace-report",

@@ -76,6 +76,20 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     assert load_or_measure(sched, "f" * 64) == first  # read from the cache
 
 
+def test_an_unwritable_cache_measures_and_warns(tmp_path, monkeypatch, caplog):
+    import logging
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # the cache root is a file: no directory can be made under it
+    monkeypatch.setenv("CORALLINE_CACHE", str(blocker))
+    sched = BatchScheduler(tiny_llama(20, seed=4), BatchConfig(slots=4, max_batch_tokens=8))
+    log = logging.getLogger("test-costs")
+    with caplog.at_level(logging.WARNING, "test-costs"):
+        table = load_or_measure(sched, "e" * 64, log=log)
+    assert list(table) == [t for t in costs.TOTALS if t <= 8]
+    assert "could not cache the cost table" in caplog.text
+
+
 def test_the_drafter_service_validates_the_hint():
     msg = drafter_pb2.Commit()
     assert _hint(msg) is None

@@ -118,10 +118,14 @@ def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
     if log is not None:
         log.info("measuring the batched forward's cost on this device (cached in %s)", path)
     table = measure(scheduler)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"ms": table, "measured": time.time()}, indent=1))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"ms": table, "measured": time.time()}, indent=1))
+        tmp.replace(path)
+    except OSError as e:  # a read-only cache (a container's): measured again next start
+        if log is not None:
+            log.warning("could not cache the cost table in %s: %s", path, e)
     return table
 
 

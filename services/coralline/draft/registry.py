@@ -6,6 +6,7 @@ Knows which checkpoints ship with the package; knows nothing about verification.
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 DRAFTERS = (
     "coral",
@@ -21,9 +22,15 @@ DRAFTERS = (
 
 
 def shipped_head(model: str):
-    """The CORAL checkpoint installed with the package for a built-in target, or None."""
-    path = resources.files("coralline") / "data" / f"coral-{model}"
-    return path if (path / "config.json").is_file() else None
+    """The CORAL checkpoint installed with the package for a built-in target, or None. A local
+    folder named like a built-in target (a container's /models/smollm2-135m-instruct) gets that
+    target's head too: the head checks the target's fingerprint when it attaches."""
+    data = resources.files("coralline") / "data"
+    for name in dict.fromkeys([model, Path(model).name]):
+        path = data / f"coral-{name}"
+        if (path / "config.json").is_file():
+            return path
+    return None
 
 
 def make_drafter(

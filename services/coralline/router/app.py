@@ -135,6 +135,30 @@ class RouterReplica:
         pass
 
 
+def from_args(args: dict):
+    """A Serve application builder (`import_path: coralline.router.app:from_args` in a Serve
+    config, e.g. a KubeRay RayService's serveConfigV2): `args` are RouterConfig's fields
+    (lists for the address tuples) plus ReplicaConfig's. `$VAR` / `${VAR}` in string values
+    are expanded from the replica's environment, so a Redis password stays in a Secret
+    (`redis: redis://:${REDIS_PASSWORD}@redis:6379/0`). Ingress there is Serve's gRPC proxy
+    (`grpc_options` in the same config); nothing is forced onto loopback."""
+    from dataclasses import fields
+
+    router_keys = {f.name for f in fields(RouterConfig)}
+    replica_keys = {f.name for f in fields(ReplicaConfig)}
+    args = {k: os.path.expandvars(v) if isinstance(v, str) else v for k, v in (args or {}).items()}
+    unknown = sorted(set(args) - router_keys - replica_keys)
+    if unknown:
+        raise ValueError(
+            f"unknown router args {unknown}; known: {sorted(router_keys | replica_keys)}"
+        )
+    router = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k in router_keys
+    }
+    replicas = {k: v for k, v in args.items() if k in replica_keys}
+    return build_app(RouterConfig(**router), ReplicaConfig(**replicas))
+
+
 def build_app(config: RouterConfig, replicas: ReplicaConfig | None = None):
     """The Serve application (bind it with serve.run)."""
     from ray import serve

@@ -71,6 +71,10 @@ class RouterConfig:
     verifiers: tuple[str, ...] = ()  # static discovery: verifier addresses
     drafters: tuple[str, ...] = ()  # static discovery: drafter addresses
     redis: str | None = None  # the session store (and, without static verifiers, the registry)
+    kubernetes_namespace: str | None = None  # discover workers from this namespace's
+    # EndpointSlices (in a cluster: the Helm chart and k8s/ set it) instead of a static list
+    kubernetes_selector: str = ""  # extra label selector ANDed with the component's
+    # (e.g. app.kubernetes.io/instance=coralline: one release's workers only)
     session_ttl_s: float = 3600.0  # a record idle this long expires (Redis store)
     history: int = 1024  # finished records kept by the memory store
     default_drafter: str = "coral"  # a request with an empty drafter name gets this
@@ -80,8 +84,13 @@ class RouterConfig:
     max_message_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        if not self.verifiers and not self.redis:
-            raise ValueError("the router needs verifier addresses or a Redis registry (--redis)")
+        if not self.verifiers and not self.redis and not self.kubernetes_namespace:
+            raise ValueError(
+                "the router needs verifier addresses, a Redis registry (--redis) or a Kubernetes "
+                "namespace to discover them in"
+            )
+        if self.verifiers and self.kubernetes_namespace:
+            raise ValueError("give verifier addresses or a Kubernetes namespace, not both")
         if self.max_failovers < 0 or self.refresh_s < 0 or self.session_ttl_s <= 0:
             raise ValueError("max_failovers and refresh_s must be >= 0, session_ttl_s > 0")
 
@@ -99,6 +108,15 @@ def make_store(config: RouterConfig):
 def make_discovery(config: RouterConfig):
     if config.verifiers:
         return StaticDiscovery(config.verifiers, config.drafters)
+    if config.kubernetes_namespace:
+        from coralline.router.discovery import KubernetesDiscovery
+
+        extra = f",{config.kubernetes_selector}" if config.kubernetes_selector else ""
+        return KubernetesDiscovery(
+            config.kubernetes_namespace,
+            verifier_selector=f"app.kubernetes.io/component=verifier{extra}",
+            drafter_selector=f"app.kubernetes.io/component=drafter{extra}",
+        )
     from coralline.router.registry import RedisRegistry
 
     return RedisRegistry(config.redis)

@@ -271,9 +271,13 @@ class VerifierCore:
     # ------------------------------------------------------------------ sessions
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         if endpoint not in self._channels:
-            self._channels[endpoint] = grpc.aio.insecure_channel(
-                endpoint, options=channel_options(self.config.server.max_message_bytes)
-            )
+            # round_robin: a name with several addresses (a Kubernetes headless Service of
+            # drafters) spreads the sessions' streams over all of them, not the first
+            options = [
+                *channel_options(self.config.server.max_message_bytes),
+                ("grpc.lb_policy_name", "round_robin"),
+            ]
+            self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=options)
         return self._channels[endpoint]
 
     def _start(

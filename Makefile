@@ -107,7 +107,7 @@ bench-peers: ## Install the load bench's peer, vLLM's CPU build, in its own venv
 bench-quick: install model ## The side-by-side bench in its quick mode (what CI runs), in $(BENCH_OUT)/quick
 	$(PY) -m coralline.cli bench all --quick --out $(BENCH_OUT)/quick
 
-k8s: install ## Regenerate the kustomize base k8s/base from the Helm chart (its default values)
+k8s: install ## Regenerate the kustomize base k8s/base from the Helm chart (+ k8s/base-values.yaml)
 	$(PY) k8s/render_base.py
 
 IMAGE_TAG ?= 0.1.0

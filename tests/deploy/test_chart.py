@@ -261,3 +261,21 @@ def test_a_disabled_drafter_makes_verifiers_decode_plainly(rendered):
     assert "--no-drafter" in args["args"]
     serve = yaml.safe_load(m.one(docs, "RayService", "router")["spec"]["serveConfigV2"])
     assert serve["applications"][0]["args"]["default_drafter"] == "none"
+
+
+def test_the_optional_collector_receives_every_services_spans(rendered):
+    docs = rendered["cpu-dev"]  # collector on, no backend: it prints spans
+    collector = m.one(docs, "Deployment", "otel-collector")["spec"]["template"]["spec"]
+    assert collector["containers"][0]["image"].startswith("otel/opentelemetry-collector-contrib:")
+    config = yaml.safe_load(m.one(docs, "ConfigMap", "otel-collector")["data"]["config.yaml"])
+    assert config["service"]["pipelines"]["traces"]["exporters"] == ["debug"]
+    for kind, component in (("Deployment", "drafter"), ("StatefulSet", "verifier")):
+        c = m.one(docs, kind, component)["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://coralline-otel-collector:4317"
+    tempo = "http://tempo:4317"
+    forwarding = m.render({"telemetry": {"collector": {"enabled": True}, "otlpEndpoint": tempo}})
+    cm = m.one(forwarding, "ConfigMap", "otel-collector")
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    assert config["exporters"]["otlp"] == {"endpoint": tempo, "tls": {"insecure": True}}
+    assert not m.find(rendered["default"], "Deployment", "otel-collector")

@@ -1,5 +1,5 @@
-"""The plain manifests (k8s/): the base is the chart rendered with its defaults (no drift), and
-every overlay builds with `kubectl kustomize` and validates strictly."""
+"""The plain manifests (k8s/): the base is the chart rendered with k8s/base-values.yaml (no
+drift), and every overlay builds with `kubectl kustomize` and validates strictly."""
 
 import sys
 
@@ -10,7 +10,7 @@ from . import manifests as m
 OVERLAYS = ["base", "overlays/cpu-dev", "overlays/gpu-prod"]
 
 
-def test_the_base_is_the_chart_rendered_with_its_defaults():
+def test_the_base_is_the_chart_rendered():
     sys.path.insert(0, str(m.ROOT / "k8s"))
     try:
         import render_base
@@ -42,7 +42,19 @@ def test_cpu_dev_runs_one_of_each_without_gpus():
     for _, spec in m.pod_specs(docs):
         for c in spec["containers"]:
             assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
-        assert "nvidia.com/gpu.product" not in spec.get("nodeSelector", {})
+        assert "nodeSelector" not in spec and "tolerations" not in spec  # no GPU pools
+
+
+def test_the_base_schedules_drafters_on_the_small_gpu_pool_and_verifiers_on_the_large():
+    docs = m.kustomize(m.ROOT / "k8s" / "base")
+    drafter = m.one(docs, "Deployment", "drafter")["spec"]["template"]["spec"]
+    verifier = m.one(docs, "StatefulSet", "verifier")["spec"]["template"]["spec"]
+    assert drafter["nodeSelector"] == {"coralline.io/pool": "small-gpu"}
+    assert verifier["nodeSelector"] == {"coralline.io/pool": "large-gpu"}
+    for spec in (drafter, verifier):
+        assert spec["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
 
 
 def test_gpu_prod_puts_drafters_on_small_gpus_and_verifiers_on_large_ones():

@@ -91,17 +91,24 @@ app.kubernetes.io/part-of: coralline
       key: {{ .root.Values.redis.auth.secretKey }}
 {{- end }}
 {{- $t := .root.Values.telemetry }}
-{{- if and $t.enabled $t.otlpEndpoint }}
+{{- if and $t.enabled (or $t.otlpEndpoint $t.collector.enabled) }}
 - name: OTEL_SDK_DISABLED
   value: "false"
 - name: OTEL_SERVICE_NAME
   value: {{ printf "coralline-%s" .service | quote }}
 - name: OTEL_TRACES_EXPORTER
   value: otlp
+{{- if $t.collector.enabled }}
+- name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+  value: {{ printf "http://%s:4317" (include "coralline.componentName" (dict "root" .root "component" "otel-collector")) | quote }}
+- name: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+  value: grpc
+{{- else }}
 - name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
   value: {{ $t.otlpEndpoint | quote }}
 - name: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
   value: {{ $t.otlpProtocol | quote }}
+{{- end }}
 - name: OTEL_TRACES_SAMPLER
   value: {{ $t.sampler | quote }}
 - name: OTEL_TRACES_SAMPLER_ARG

@@ -155,13 +155,13 @@ def ragged_forward(
     pos = torch.cat([it.positions for it in items]).to(dev)  # [T]
     x = inner.embed_tokens(ids)[None]  # [1, T, d]
     cos, sin = inner.rotary_emb(x, pos[None])  # [1, T, head_dim] each
-    masks = [_mask(it, dev) for it in items]  # (the items attending alone use theirs)
     for it in items:
         if it.start + it.size > pool.slot_tokens:
             raise ValueError(f"{it.start + it.size} tokens do not fit a slot of {pool.slot_tokens}")
     small = [i for i, it in enumerate(items) if it.size <= SHARED_ATTENTION_MAX]
     shared = _SharedAttention(pool, items, small, bounds, dev) if len(small) >= 2 else None
-    alone = [i for i in range(len(items)) if shared is None or i not in set(small)]
+    together = set(small) if shared is not None else set()
+    masks = {i: _mask(it, dev) for i, it in enumerate(items) if i not in together}  # the rest
     slot_of = torch.cat([torch.full((it.size,), it.slot) for it in items]).to(dev)  # [T]
     at = torch.cat([torch.arange(it.start, it.start + it.size) for it in items]).to(dev)  # [T]
     for li, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
@@ -176,14 +176,14 @@ def ragged_forward(
         o = torch.empty(total, q.shape[1], hd, dtype=q.dtype, device=dev)  # [T, H, hd]
         if shared is not None:
             o[shared.tokens] = shared(pool, li, q[0].transpose(0, 1), attn.scaling)
-        for i in alone:
+        for i, m in masks.items():  # the items attending alone
             it, a, b = items[i], bounds[i], bounds[i + 1]
             keys, values = pool.view(li, it.slot, it.start + it.size)  # [kvH, L, hd]
             o[a:b] = F.scaled_dot_product_attention(
                 q[:, :, a:b],
                 keys[None],
                 values[None],
-                attn_mask=masks[i],
+                attn_mask=m,
                 scale=attn.scaling,
                 enable_gqa=True,
             )[0].transpose(0, 1)  # [n, H, hd]

@@ -1,7 +1,9 @@
 """Linear layers for small-batch fp32 inference on CPU: oneDNN, or stored transposed.
 
-Which one pays depends on the CPU (`best_kind()`): MKL's fp32 GEMM, behind nn.Linear, is slow
-for the few rows a tree or a batch of decode steps feeds, and how slow differs by vendor.
+Which one pays depends on the CPU: MKL's fp32 GEMM, behind nn.Linear, is slow for the few rows
+a tree or a batch of decode steps feeds, and how slow differs by vendor. `best_kind()` picks
+oneDNN wherever torch has it (measured on the AMD EPYC machines; not yet on the Xeon, where
+the transposed layout below was tuned: `TargetConfig(cpu_linears="transposed")` keeps it).
 
 oneDNN (`OneDnnLinear`, the default where torch has it): the layer keeps a oneDNN copy of W and
 calls `torch.ops.mkldnn._linear_pointwise`. Measured on the 2-core AMD EPYC (2 threads,
@@ -31,7 +33,8 @@ for the best of both; SmolLM2-135M target forward, ms: n = 1 / 2 / 3 / 4 / 8 / 1
 51 / 56 / 60 / 69 / 87 / 95 with both). A tied LM head gets its own transposed copy.
 
 `cpu_linears(module, kind)` swaps every nn.Linear inside `module` for the chosen kind.
-`OneDnnLinear.weight` is the original Parameter (the oneDNN copy follows a state_dict load).
+`OneDnnLinear.weight` shares the original weight's storage (a tied embedding reads the same
+memory), its state_dict is nn.Linear's, and its oneDNN copy follows a state_dict load.
 `transpose_linears(module)` swaps every nn.Linear inside `module` for a TransposedLinear. Its
 `.weight` is a view [out, in] of the transposed storage, and its state_dict keeps nn.Linear's
 keys and layout, so code that reads weights (a tied LM head, fingerprints, a draft head sharing
@@ -108,7 +111,7 @@ class OneDnnLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # [out, in]
-        # (the same Parameter object: a tied embedding stays tied)
+        # (the same storage as the original: a tied embedding still reads these values)
         self.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         )

@@ -248,9 +248,17 @@ def test_network_policies_allow_only_the_links_of_the_data_flow(rendered):
     assert sources("drafter", "grpc") == {"verifier", "router"}
     assert sources("redis", "redis") == {"router", "verifier"}
     assert sources("router", "serve-grpc") == {"anyone", "router"}
+    assert sources("router", "dashboard") == {"anyone", "router"}  # the KubeRay operator
     assert sources("verifier", "metrics") == {"anyone"}
     prod = m.one(rendered["gpu-prod"], "NetworkPolicy", "router")["spec"]["ingress"]
-    assert any(r.get("from", [{}])[0].get("namespaceSelector") for r in prod)
+    namespaces = {
+        r["ports"][0]["port"]: r["from"][0]["namespaceSelector"]["matchLabels"][
+            "kubernetes.io/metadata.name"
+        ]
+        for r in prod
+        if "ports" in r
+    }
+    assert namespaces == {"serve-grpc": "gateway", "dashboard": "kuberay"}
     assert not m.find(rendered["minimal"], "NetworkPolicy")
 
 

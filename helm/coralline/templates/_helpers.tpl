@@ -253,3 +253,81 @@ spec:
     matchLabels:
       {{- include "coralline.selectorLabels" . | nindent 6 }}
 {{- end -}}
+
+{{/* the pod template of a drafter or verifier: {root, c, v, middle, tail}: v is the component's
+values block, middle / tail the component's own arguments after --max-sessions and after
+--metrics-port */}}
+{{- define "coralline.workerTemplate" -}}
+{{- $root := .root -}}
+{{- $v := .v -}}
+metadata:
+  labels:
+    {{- include "coralline.labels" .c | nindent 4 }}
+  annotations:
+    checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+spec:
+  automountServiceAccountToken: false
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- include "coralline.nodeSelector" (dict "nodeSelector" $v.nodeSelector "accelerator" $v.accelerator) | nindent 2 }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .c.component }}
+      image: {{ include "coralline.image" (dict "root" $root "values" $v) }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      args:
+        - --host=0.0.0.0
+        - --port={{ $v.port }}
+        - --model={{ include "coralline.modelPath" $root }}
+        - --device={{ $v.device }}
+        - --dtype={{ $root.Values.model.dtype }}
+        - --max-sessions={{ $v.maxSessions }}
+        {{- range .middle }}
+        - {{ . }}
+        {{- end }}
+        - --metrics-port={{ $v.metricsPort }}
+        {{- range .tail }}
+        - {{ . }}
+        {{- end }}
+        {{- if eq $root.Values.router.discovery "redis" }}
+        - --registry={{ include "coralline.redisUrl" $root }}
+        - --advertise=$(POD_IP):{{ $v.port }}
+        {{- end }}
+        {{- range $v.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      envFrom:
+        - configMapRef:
+            name: {{ include "coralline.fullname" $root }}
+      env:
+        - name: CORALLINE_THREADS
+          value: {{ $v.threads | quote }}
+        {{- include "coralline.env" (dict "root" $root "service" .c.component) | nindent 8 }}
+      ports:
+        - name: grpc
+          containerPort: {{ $v.port }}
+          protocol: TCP
+        - name: metrics
+          containerPort: {{ $v.metricsPort }}
+          protocol: TCP
+      {{- include "coralline.grpcProbes" (dict "port" $v.port "startupFailureThreshold" $v.startupFailureThreshold) | nindent 6 }}
+      {{- include "coralline.resources" (dict "resources" $v.resources "gpus" $v.gpus) | nindent 6 }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext | nindent 8 }}
+      volumeMounts:
+        {{- include "coralline.volumeMounts" $root | nindent 8 }}
+  volumes:
+    {{- include "coralline.volumes" $root | nindent 4 }}
+{{- end -}}

@@ -172,6 +172,8 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
         sessions_url=args.sessions,
         metrics_port=args.metrics_port,
         batching=None if args.no_batching else _batch_config(args),
+        adaptive_budget=args.speculation != "always",
+        plain_switch=args.speculation == "adaptive",
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
@@ -637,6 +639,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="the longest a round waits for the other sessions' rounds",
     )
+    bt.add_argument(
+        "--speculation",
+        choices=["adaptive", "budget", "always"],
+        default="adaptive",
+        help="under load (batching): 'adaptive' sizes trees by the batch's cost and decodes a "
+        "session plainly while speculation is predicted slower; 'budget' only sizes trees; "
+        "'always' leaves the tree size to the drafter's own model",
+    )
     vr.set_defaults(fn=_cmd_verifier)
 
     sv = sub.add_parser(
@@ -827,7 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: tuple(v.split(",")),
         default=None,
         help="load: comma-separated subset of vllm,vllm-ngram,hf-batched,engine-plain,"
-        "verifier-coral,verifier-coral-pipelined,stack-coral (default: all; the vLLM peers "
+        "verifier-coral,verifier-coral-budget,verifier-coral-pipelined,stack-coral (default: "
+        "all; the vLLM peers "
         "need `make bench-peers`)",
     )
     b.add_argument("--temperature", type=float, default=0.0, help="pipeline: 0 = greedy")

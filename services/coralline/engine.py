@@ -69,6 +69,8 @@ class RoundStats:
     start_ns: int = 0  # the round's start (Unix epoch ns): the proposal is asked for then
     tree_depth: int = 0  # the tree's deepest node (0 = the root alone)
     prefill_ms: float = 0.0  # round 1 only: the prompt's forward pass just before it
+    plain: bool = False  # speculation was off this round (the `speculate` hook said so): the
+    # drafter was not asked and the root was verified alone
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Summary:
     fallback_rounds: int = 0  # rounds that verified the root alone in place of a proposal
     cached_prompt_tokens: int = 0  # prompt tokens found in the runner's cache (not forwarded;
     # prefill_ms covers only the others)
+    plain_rounds: int = 0  # rounds decoded plainly because speculation was off (not fallbacks)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class Engine:
         # telemetry hook: called as on_round_start(round number) when a round starts, before
         # the proposal is asked for (the verifier starts the round's span there)
         self.on_round_start: Callable[[int], None] | None = None
+        # load-adaptive speculation: called before each round with the previous round's stats
+        # (None before the first); False = decode this round plainly without asking the drafter,
+        # which is told the committed backlog at its next round (batching/switch.py)
+        self.speculate: Callable[[RoundStats | None], bool] | None = None
 
     def generate(
         self,
@@ -158,16 +165,32 @@ class Engine:
             drafter.reset()
         new_ids, context = list(prompt), list(prompt)
         accepted_last: tuple[int, ...] | None = None  # the last proposal's accepted nodes
-        generated = rounds = accepted_total = fallbacks = 0
+        generated = rounds = accepted_total = fallbacks = plain_rounds = 0
         draft_ms = verify_ms = 0.0
+        stats: RoundStats | None = None
+        # what the drafter has not been told (rounds it sat out): ids, and their features
+        backlog_ids: list[int] = []
+        backlog_features: list[torch.Tensor] = []
         while True:
             if self.on_round_start is not None:
                 self.on_round_start(rounds + 1)
             t0, start_ns = time.perf_counter(), time.time_ns()
-            if drafter is not None:
+            plain_round = (
+                drafter is not None and self.speculate is not None and not self.speculate(stats)
+            )
+            if drafter is not None and not plain_round:
+                if backlog_ids:  # one commit for every round it sat out, and this one's
+                    new_ids = backlog_ids + list(new_ids)
+                    features = torch.cat([*backlog_features, features])
+                    accepted_last = None  # the last tree it saw was not verified
+                    backlog_ids, backlog_features = [], []
                 step = DraftInput(tuple(new_ids), features, accepted_last)
                 proposal = drafter.propose(step, params)
             else:
+                if drafter is not None:
+                    backlog_ids.extend(new_ids)
+                    backlog_features.append(features)
+                    plain_rounds += 1
                 proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
             fallback = proposal.fallback
             if (
@@ -175,7 +198,7 @@ class Engine:
                 and proposal.tree.num_nodes > target.max_context - target.num_cached
             ):
                 fallback = "context"  # near the end of the window: decode plainly
-            verify = spec.fn
+            verify = plain.fn if plain_round else spec.fn
             if fallback is not None:
                 # the root alone (a root-only tree needs no draft rows)
                 proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
@@ -233,6 +256,7 @@ class Engine:
                 start_ns=start_ns,
                 tree_depth=tree.max_depth,
                 prefill_ms=prefill_ms if rounds == 1 else 0.0,
+                plain=plain_round,
             )
             if finish is None:
                 yield Chunk(new, delta, stats)
@@ -255,6 +279,7 @@ class Engine:
                 prompt_tokens=len(prompt),
                 fallback_rounds=fallbacks if drafter is not None else 0,
                 cached_prompt_tokens=cached,
+                plain_rounds=plain_rounds,
             )
             yield Chunk(new, delta, stats, summary)
             return

@@ -127,3 +127,63 @@ def test_a_seedless_request_gets_a_reported_seed_that_replays_it():
         engine.generate([1, 5, 7], SamplingParams(temperature=1.0, max_new_tokens=16, seed=seed))
     )
     assert [c.token_ids for c in chunks] == [c.token_ids for c in again]
+
+
+class Every:
+    """A `speculate` hook that speculates on rounds 1, 1 + k, 1 + 2k, ... (the rounds between
+    decode plainly, the drafter not asked), and records what it was shown."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.round, self.seen = k, 0, []
+
+    def __call__(self, last) -> bool:
+        self.seen.append(last)
+        self.round += 1
+        return (self.round - 1) % self.k == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rounds_the_drafter_sat_out_reach_it_as_one_commit(temperature):
+    """Plain rounds (speculation off under load) are not told to the drafter as they happen;
+    its next step carries every token committed since it was last asked, with one feature per
+    token, and no accepted path (it proposed none of them). Greedy output is unchanged; at T > 0
+    a seed reproduces the same tokens for the same pattern."""
+    target, drafter = _coral()
+    runner = TargetRunner(target, None)
+    params = SamplingParams(temperature=temperature, seed=3, max_new_tokens=30)
+    prompt = [1, 5, 7, 2]
+
+    def run(k: int):
+        rec = Recorder(drafter)
+        engine = Engine(runner, rec)
+        engine.speculate = Every(k)
+        chunks = list(engine.generate(prompt, params))
+        return rec, engine.speculate, chunks
+
+    rec, hook, chunks = run(3)
+    out = [t for c in chunks for t in c.token_ids]
+    assert len(out) == 30
+    plain = [c.stats.plain for c in chunks]
+    assert plain[:4] == [False, True, True, False]
+    assert chunks[-1].summary.plain_rounds == sum(plain) > 0
+    assert chunks[-1].summary.fallback_rounds == 0
+    assert all(c.stats.tree_nodes == 1 and c.stats.accepted == 0 for c in chunks if c.stats.plain)
+    # the hook saw each previous round's stats (None before the first)
+    assert hook.seen[0] is None and hook.seen[1:] == [c.stats for c in chunks[:-1]]
+    # the drafter was asked on the speculative rounds only, and told every committed token once
+    assert len(rec.steps) == len(chunks) - sum(plain)
+    told = [t for s in rec.steps for t in s.new_ids]
+    assert told == (prompt + out)[: len(told)] and len(told) > len(prompt) + 10
+    for step in rec.steps:
+        assert step.features.shape[0] == len(step.new_ids) - (step is rec.steps[0])
+    after_plain = [i for i, c in enumerate(chunks[:-1]) if c.stats.plain and not plain[i + 1]]
+    assert after_plain
+    for i in after_plain:  # the step of round i + 2 (1-based) follows plain rounds
+        step = rec.steps[sum(not p for p in plain[: i + 1])]
+        assert step.accepted is None and len(step.new_ids) >= 2
+    if temperature == 0:
+        plain_out = [t for c in Engine(runner).generate(prompt, params) for t in c.token_ids]
+        assert out == plain_out
+    else:  # keyed coins: the same pattern and seed give the same tokens
+        again = [t for c in run(3)[2] for t in c.token_ids]
+        assert again == out

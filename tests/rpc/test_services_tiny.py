@@ -303,3 +303,40 @@ def test_the_drafter_refuses_a_head_for_another_target(tiny_stack):
     err = tiny_stack.loop.call(open_once())
     assert err is not None and err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "serves target" in err.details()
+
+
+class _OneInThree:
+    """A `speculate` hook: rounds 1, 4, 7, ... speculate, the others decode plainly."""
+
+    def __init__(self, *_) -> None:
+        self.round = 0
+
+    def __call__(self, last) -> bool:
+        self.round += 1
+        return self.round % 3 == 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_plain_rounds_under_load_reach_the_drafter_service_as_one_commit(
+    tiny_stack, tiny_folders, monkeypatch, temperature
+):
+    """The verifier's speculation switch (batching/switch.py) decides; here a fixed pattern
+    stands in for the load (one speculative round in three) so that the wire path runs every
+    time: the rounds the drafter sat out reach the real drafter service in the next Commit, with
+    no fallback, and the output is token for token the in-process engine's under the same
+    pattern (the same keyed coins at T > 0)."""
+    from coralline.draft.registry import make_drafter
+    from coralline.rpc import verifier_server
+
+    monkeypatch.setattr(verifier_server, "SpeculationSwitch", _OneInThree)
+    target = TargetRunner.load(TargetConfig(model=tiny_folders[0]))
+    for seed in range(2):
+        params = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=24)
+        engine = Engine(target, make_drafter("coral", target, tiny_folders[1]))
+        engine.speculate = _OneInThree()
+        want = [t for c in engine.generate(PROMPT, params) for t in c.token_ids]
+        got, summary = _verify(tiny_stack, params)
+        assert got == want
+        assert summary.fallback_rounds == 0 and summary.drafter_reconnects == 0
+        assert summary.plain_rounds == summary.rounds - (summary.rounds + 2) // 3 > 0
+        assert tiny_stack.last_nodes[1:3] == [1, 1]  # rounds 2 and 3 verified the root alone

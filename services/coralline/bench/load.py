@@ -9,8 +9,11 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
   hf-batched         HF `generate`, plain, left-padded batches of c
   engine-plain       the engine's plain decoding, sessions batched by the batch scheduler
                      (batching/), in this process
-  verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, cost hints)
-                     as processes, clients through the SDK
+  verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, trees
+                     sized by the load, plain rounds where speculation does not pay: the
+                     default `--speculation adaptive`) as processes, clients through the SDK
+  verifier-coral-budget   the same with `--speculation budget`: trees sized by the load, but
+                     the drafter is asked every round (what the switch adds, side by side)
   verifier-coral-pipelined   the same with `coralline drafter --pipeline` (pre-drafting behind
                      a speculation cache); reports its hit rate and the drafting time hidden
   stack-coral        the same through the whole stack (`coralline serve`: Ray Serve router,
@@ -18,9 +21,10 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
 
 Per point: aggregate tok/s, mean per-session tok/s, p50 / p99 inter-token latency (a chunk of
 several tokens counts its gap once, as vLLM's coalesced outputs do), TTFT p50, acceptance length
-(coralline) and the outputs (checked against each other: greedy outputs of every method should
-agree; disagreements are counted, not hidden). The peers run with EOS ignored (exactly
-max_new_tokens); coralline stops at EOS, so its token counts are reported per point.
+and the share of plain rounds (coralline), and the outputs (checked against each other: greedy
+outputs of every method should agree; disagreements are counted, not hidden). The peers run
+with EOS ignored (exactly max_new_tokens); coralline stops at EOS, so its token counts are
+reported per point.
 Methods run one after the other on the same machine in one run; figures are for orientation
 (2 shared cores here: every service and the client compete for them).
 
@@ -46,6 +50,7 @@ METHODS = (
     "hf-batched",
     "engine-plain",
     "verifier-coral",
+    "verifier-coral-budget",
     "verifier-coral-pipelined",
     "stack-coral",
 )
@@ -128,6 +133,9 @@ def closed_loop(
     out = point(c, [s.request for s in done], wall, len(prompts))
     taus = [s.tau for s in done if s.tau is not None]
     out["acceptance_length"] = sum(taus) / len(taus) if taus else None
+    rounds = sum(s.extra.get("rounds", 0) for s in done)
+    if rounds:  # coralline: the share of rounds the verifier decoded plainly (switch.py)
+        out["plain_round_share"] = sum(s.extra.get("plain_rounds", 0) for s in done) / rounds
     return out
 
 
@@ -179,7 +187,9 @@ def _sdk(method: str, cfg, prompts, address: str) -> dict:
             local.client = Client(address, timeout=900)
         chunks = local.client.stream(token_ids=ids, max_new_tokens=cfg.max_new_tokens)
         r, s = _chunks_request(i, chunks)
-        return _Served(r, s.acceptance_length if s else None)
+        if s is None:
+            return _Served(r)
+        return _Served(r, s.acceptance_length, {"rounds": s.rounds, "plain_rounds": s.plain_rounds})
 
     points = []
     for c in cfg.concurrency:
@@ -188,10 +198,11 @@ def _sdk(method: str, cfg, prompts, address: str) -> dict:
     return {"method": method, "points": points}
 
 
-def _verifier_coral(cfg, prompts, pipelined: bool = False) -> dict:
+def _verifier_coral(cfg, prompts, method: str) -> dict:
     from coralline.rpc.process import ServerProcess
 
-    method = "verifier-coral-pipelined" if pipelined else "verifier-coral"
+    pipelined = method == "verifier-coral-pipelined"
+    speculation = "budget" if method == "verifier-coral-budget" else "adaptive"
     log_dir = Path(tempfile.mkdtemp(prefix="coralline-load-bench-"))
     dargs = ["--model", cfg.model, "--metrics-port", "0", *(["--pipeline"] if pipelined else [])]
     if cfg.checkpoint:
@@ -204,7 +215,7 @@ def _verifier_coral(cfg, prompts, pipelined: bool = False) -> dict:
         verifier = ServerProcess(
             "verifier",
             ["--model", cfg.model, "--drafter-endpoint", drafter.address, "--max-sessions",
-             sessions, "--metrics-port", "0"],
+             sessions, "--metrics-port", "0", "--speculation", speculation],
             log_dir,
             {"CORALLINE_THREADS": str(cfg.threads)},
         )  # fmt: skip
@@ -323,8 +334,8 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
                 res["method"] = method
             elif method == "engine-plain":
                 res = _engine_plain(cfg, prompts, runner)
-            elif method in ("verifier-coral", "verifier-coral-pipelined"):
-                res = _verifier_coral(cfg, prompts, pipelined=method.endswith("pipelined"))
+            elif method.startswith("verifier-coral"):
+                res = _verifier_coral(cfg, prompts, method)
             else:
                 res = _stack_coral(cfg, prompts)
         except Exception as exc:  # one method failing does not lose the others' figures
@@ -385,8 +396,8 @@ def markdown(report: dict, plot: str | None = None) -> str:
         f"`{report.get('command') or 'coralline bench load'}`",
         "",
         "| method | sessions | aggregate tok/s | tok/s per session | ITL p50 ms | ITL p99 ms | "
-        "TTFT p50 ms | tau | tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "TTFT p50 ms | tau | plain rounds | tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in report["results"]:
         for pt in res["points"]:
@@ -394,7 +405,8 @@ def markdown(report: dict, plot: str | None = None) -> str:
                 f"| {res['method']} | {pt['concurrency']} | {_f(pt['aggregate_tok_s'])} | "
                 f"{_f(pt['per_session_tok_s'])} | {_f(pt['itl_p50_ms'])} | "
                 f"{_f(pt['itl_p99_ms'])} | {_f(pt['ttft_p50_ms'], '.0f')} | "
-                f"{_f(pt.get('acceptance_length'), '.2f')} | {pt['tokens']} |"
+                f"{_f(pt.get('acceptance_length'), '.2f')} | "
+                f"{_f(pt.get('plain_round_share'), '.0%')} | {pt['tokens']} |"
             )
     lines.append("")
     for res in report["results"]:

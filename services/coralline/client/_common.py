@@ -247,6 +247,7 @@ def stats_from_pb(msg: common_pb2.RoundStats) -> RoundStats:
         commit_ms=_ms(msg.commit_ns),
         drafter_ms=_ms(msg.drafter_ns),
         tree_depth=msg.tree_depth,
+        plain=msg.plain,
     )
 
 
@@ -268,6 +269,7 @@ def summary_from_pb(msg: common_pb2.Summary) -> Summary:
         drafter_reconnects=msg.drafter_reconnects,
         cached_prompt_tokens=msg.cached_prompt_tokens,
         failovers=msg.failovers,
+        plain_rounds=msg.plain_rounds,
     )
 
 

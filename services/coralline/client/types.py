@@ -29,6 +29,7 @@ class RoundStats:
     commit_ms: float = 0.0  # keeping the accepted path in the KV cache
     drafter_ms: float = 0.0  # drafting inside the drafter (0: no proposal this round)
     tree_depth: int = 0  # the deepest node of the tree (0 = the root alone)
+    plain: bool = False  # speculation was off this round (the verifier's load): not a fallback
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Summary:
     drafter_reconnects: int
     cached_prompt_tokens: int = 0  # prompt tokens found in a retained KV cache (not prefilled)
     failovers: int = 0  # times the router moved the session to another verifier
+    plain_rounds: int = 0  # rounds decoded plainly because speculation did not pay under load
 
 
 @dataclass(frozen=True)

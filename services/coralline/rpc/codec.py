@@ -186,6 +186,7 @@ def stats_to_pb(
     msg.commit_ns = int(stats.commit_ms * 1e6)
     msg.drafter_ns = drafter_ns
     msg.tree_depth = stats.tree_depth
+    msg.plain = stats.plain
     return msg
 
 
@@ -208,6 +209,7 @@ def summary_to_pb(
     msg.fallback_rounds = s.fallback_rounds
     msg.drafter_reconnects = reconnects
     msg.cached_prompt_tokens = s.cached_prompt_tokens
+    msg.plain_rounds = s.plain_rounds
     return msg
 
 
@@ -232,6 +234,7 @@ def summary_from_pb(msg: common_pb2.Summary) -> Summary:
         "prompt_tokens": msg.prompt_tokens,
         "fallback_rounds": msg.fallback_rounds,
         "cached_prompt_tokens": msg.cached_prompt_tokens,
+        "plain_rounds": msg.plain_rounds,
     }
     return Summary(**values)
 

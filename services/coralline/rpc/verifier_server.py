@@ -38,6 +38,7 @@ import grpc
 import coralline
 from coralline.batching.costs import LoadPolicy, load_or_measure
 from coralline.batching.scheduler import BatchConfig, pooled
+from coralline.batching.switch import SpeculationSwitch
 from coralline.conversation import next_turn_ids
 from coralline.draft.registry import DRAFTERS
 from coralline.engine import Chunk, Engine, EngineConfig
@@ -95,6 +96,8 @@ class VerifierServiceConfig:
     adaptive_budget: bool = True  # batching only: each round tells the drafter the round's
     # cost under the current load (batching/costs.py), so trees shrink as sessions grow; at
     # T > 0 a seed then reproduces a generation at the same load (the law never changes)
+    plain_switch: bool = True  # with adaptive_budget: a session decodes plainly, without asking
+    # the drafter, while speculation is predicted slower at the current load (batching/switch.py)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -346,6 +349,10 @@ class VerifierCore:
                 tel.remote = remote
                 if tel.tracing is not None:
                     engine.on_round_start = tel.round_started
+            if remote is not None and self.load_policy is not None and cfg.plain_switch:
+                engine.speculate = SpeculationSwitch(
+                    self.load_policy, self.target.kv.scheduler.sessions
+                )
             # validates the pair before anything runs; reuse keeps the cache's common prefix
             gen = engine.generate(prompt, params, reuse_cache=retained is not None)
         except Exception:

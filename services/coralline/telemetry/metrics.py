@@ -121,6 +121,12 @@ class VerifierMetrics:
             "Rounds that verified the root alone in place of a proposal (late, invalid, lost "
             "drafter, context end): plain decoding, lossless",
         )
+        self.plain_rounds = _c(
+            r,
+            "spec_decode_plain_rounds",
+            "Rounds decoded plainly because speculation did not pay under the verifier's load "
+            "(the drafter was not asked: batching/switch.py)",
+        )
         self.link_bytes = _c(
             r, "drafter_link_bytes", "Bytes on the drafter link, by direction", ("direction",)
         )
@@ -160,6 +166,7 @@ class VerifierMetrics:
         speculative: bool,  # a drafter's proposal was verified (not the root alone)
         fallback: bool,
         draft_s: float,
+        plain: bool = False,  # speculation was off this round (load-adaptive)
         drafter_s: float | None,  # the drafter's own time (None: no drafter answered)
         forward_s: float,
         verify_s: float,
@@ -179,6 +186,8 @@ class VerifierMetrics:
                     self._pos[min(d, MAX_POSITIONS - 1)].inc()
         if fallback:
             self.fallbacks.inc()
+        if plain:
+            self.plain_rounds.inc()
         self.round_s.observe(seconds)
         if committed:
             self.tpot_s.observe(seconds / committed)

@@ -70,6 +70,7 @@ class SessionTelemetry:
                 accepted=stats.accepted,
                 speculative=stats.tree_nodes > 1,
                 fallback=stats.fallback is not None,
+                plain=stats.plain,
                 draft_s=stats.draft_ms / 1e3,
                 drafter_s=drafter_ms / 1e3 if drafter_ms is not None else None,
                 forward_s=stats.forward_ms / 1e3,
@@ -106,6 +107,8 @@ class SessionTelemetry:
         }
         if stats.fallback is not None:
             attrs["specdec.fallback"] = stats.fallback
+        if stats.plain:
+            attrs["specdec.plain"] = True
         if wire is not None:
             attrs["specdec.bytes_sent"] = wire.bytes_to
             attrs["specdec.bytes_received"] = wire.bytes_from
@@ -137,6 +140,7 @@ class SessionTelemetry:
                 "specdec.tokens_per_second": round(summary.tokens_per_second, 3),
                 "specdec.cached_prompt_tokens": summary.cached_prompt_tokens,
                 "specdec.fallback_rounds": summary.fallback_rounds,
+                "specdec.plain_rounds": summary.plain_rounds,
                 "specdec.drafter": summary.drafter,
                 "specdec.verifier": summary.verifier,
                 "gen_ai.request.seed": summary.seed,

@@ -1,0 +1,124 @@
+"""When speculation pays under load: one session's switch between speculative and plain rounds.
+
+Speculation buys tokens per round (tau > 1) with time: the drafter's round trip and a larger
+batched forward. Under load the price rises: the drafter serves every session (a queue), the
+trees of all sessions make the shared forward leave its flat region, and the drafter's own
+compute competes with the verifier's. Past some load, a plain round (no drafter, the root
+alone) gives a session more tokens per second. The budget alone cannot find that point: a
+root-only proposal still pays the drafter round trip. So each session decides, before every
+round, whether to ask the drafter at all (the engine's `speculate` hook):
+
+  speculative rate  = tau / (draft_ms + verify_ms)          measured on its speculative rounds
+  plain rate        = 1 / plain_ms                           measured on its plain rounds
+where the mode not in use is predicted from the one in use with the load's cost table
+(costs.py, t(T) = ms of a forward over T tokens, S = sessions sharing the forward, n = the
+session's tree size):
+  plain_ms      ~ verify_ms * t(S) / t(S * n)                   (from speculative rounds)
+  spec_ms       ~ draft_ms + plain_ms * t(S * n) / t(S)         (from plain rounds)
+It changes mode when the other one is predicted faster by `margin`, and a plain session asks the
+drafter again every `probe_every` plain rounds so that tau and the drafting time stay current.
+One session (S <= 1) always speculates: a lone session's rounds never depend on load.
+
+Lossless either way: a plain round is plain decoding, with the same keyed coins. The drafter is
+told what it missed at its next round (the engine sends the committed backlog and its features).
+
+Pure: numbers in, a decision out; knows nothing of gRPC, drafters or the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from coralline.batching.costs import LoadPolicy
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    margin: float = 0.10  # the other mode must be predicted this much faster to switch
+    probe_every: int = 16  # plain rounds between two speculative probes
+    smoothing: float = 0.3  # weight of the newest round in the running means
+
+    def __post_init__(self) -> None:
+        if self.margin < 0 or self.probe_every < 1 or not 0 < self.smoothing <= 1:
+            raise ValueError("margin >= 0, probe_every >= 1 and 0 < smoothing <= 1 required")
+
+
+class _Mean:
+    """An exponential running mean (None until the first value)."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
+
+
+class SpeculationSwitch:
+    """One session's decision, round by round (the engine's `speculate` hook)."""
+
+    def __init__(
+        self,
+        policy: LoadPolicy,
+        sessions: Callable[[], int],
+        config: SwitchConfig | None = None,
+    ) -> None:
+        self.policy = policy
+        self.sessions = sessions
+        self.config = c = config or SwitchConfig()
+        self.tokens = _Mean(c.smoothing)  # tokens per speculative round (1 + accepted)
+        self.draft_ms = _Mean(c.smoothing)  # waiting for the proposal
+        self.verify_ms = _Mean(c.smoothing)  # forward (queue included) + acceptance + commit
+        self.nodes = _Mean(c.smoothing)  # tree nodes, root included
+        self.plain_ms = _Mean(c.smoothing)  # a plain round, all of it
+        self.speculating = True
+        self.plain_run = 0  # plain rounds since the last speculative one
+        self.switches = 0
+
+    def __call__(self, last) -> bool:
+        """Speculate this round? `last`: the previous round's RoundStats (None: the first)."""
+        if last is not None:
+            self.observe(last)
+        return self.decide()
+
+    def observe(self, stats) -> None:
+        if stats.fallback is not None:  # the drafter failed: says nothing about speculation
+            return
+        if stats.plain:
+            self.plain_ms.add(stats.draft_ms + stats.verify_ms)
+            return
+        self.tokens.add(1 + stats.accepted)
+        self.draft_ms.add(stats.draft_ms)
+        self.verify_ms.add(stats.verify_ms)
+        self.nodes.add(stats.tree_nodes)
+
+    def rates(self, sessions: int) -> tuple[float, float] | None:
+        """(speculative, plain) tokens per ms predicted at this load; None: nothing measured."""
+        tau, d, v, n = (m.value for m in (self.tokens, self.draft_ms, self.verify_ms, self.nodes))
+        if tau is None or d is None or v is None or n is None:
+            return None
+        ratio = self.policy.cost(sessions) / self.policy.cost(max(1, round(sessions * n)))
+        p = self.plain_ms.value
+        if self.speculating or p is None:
+            spec_ms, plain_ms = d + v, v * ratio
+        else:
+            spec_ms, plain_ms = d + p / ratio, p
+        return tau / max(spec_ms, 1e-6), 1.0 / max(plain_ms, 1e-6)
+
+    def decide(self) -> bool:
+        s = self.sessions()
+        rates = self.rates(s) if s > 1 else None
+        if rates is None:  # one session, or nothing measured yet
+            want = True
+        else:
+            spec, plain = rates
+            margin = 1.0 + self.config.margin
+            want = plain <= spec * margin if self.speculating else spec > plain * margin
+        if not want and not self.speculating and self.plain_run >= self.config.probe_every:
+            want = True  # a probe: measure tau and the drafter's time as they are now
+        if want != self.speculating:
+            self.switches += 1
+            self.speculating = want
+        self.plain_run = 0 if want else self.plain_run + 1
+        return want

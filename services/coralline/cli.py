@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from coralline.draft.registry import DRAFTERS
 
@@ -46,7 +47,16 @@ def _remote_chunks(args: argparse.Namespace):
     if args.draft_checkpoint or args.model != "smollm2-135m-instruct":
         raise ValueError("--model and --draft-checkpoint belong to the servers with --endpoint")
     try:
-        with Client(args.endpoint, token=os.environ.get("CORALLINE_TOKEN")) as client:
+        root = Path(args.ca).read_bytes() if args.ca else None
+        client_cert = None
+        if args.client_cert or args.client_key:
+            if not (args.client_cert and args.client_key):
+                raise ValueError("--client-cert and --client-key go together")
+            client_cert = (Path(args.client_cert).read_bytes(), Path(args.client_key).read_bytes())
+        token = os.environ.get("CORALLINE_TOKEN")
+        with Client(
+            args.endpoint, token=token, root_certificates=root, client_cert=client_cert
+        ) as client:
             yield from client.stream(
                 args.prompt,
                 chat_template=not args.no_chat,
@@ -125,7 +135,31 @@ def _server_options(args: argparse.Namespace):
         max_message_bytes=args.max_message_mb * MiB,
         registry=args.registry,
         advertise=args.advertise,
+        tls=_tls(args),
+        api_tokens=_tokens(args),
     )
+
+
+def _tls(args: argparse.Namespace):
+    """--tls-dir (the `coralline certs` layout) or --tls-cert / --tls-key [/ --tls-ca]."""
+    from coralline.rpc.security import TlsConfig
+
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if args.tls_dir:
+        if any(files):
+            raise ValueError("--tls-dir and --tls-cert / --tls-key / --tls-ca exclude each other")
+        return TlsConfig.from_dir(args.tls_dir, "server", args.tls_server_name)
+    if not any(files):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key (--tls-ca for mutual TLS)")
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+
+
+def _tokens(args: argparse.Namespace) -> frozenset[str]:
+    from coralline.rpc.security import load_tokens
+
+    return load_tokens(getattr(args, "api_tokens_file", None))
 
 
 def _cmd_drafter(args: argparse.Namespace) -> int:
@@ -217,6 +251,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         telemetry=not args.no_telemetry,
         dashboard_port=args.dashboard_port,
         trace_file=args.trace_file,
+        tls_dir=args.tls_dir,
+        api_tokens=_tokens(args),
     )
     return run(config, ready=lambda line: print(line, flush=True))
 
@@ -496,7 +532,9 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.endpoint) as channel:
+    from coralline.rpc.security import sync_channel
+
+    with sync_channel(args.endpoint, _tls(args)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
@@ -508,6 +546,19 @@ def _cmd_health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.endpoint} {args.service or '(server)'}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from coralline.rpc.certs import DEFAULT_HOSTS, make_dev_ca
+
+    paths = make_dev_ca(args.out, tuple(args.host or DEFAULT_HOSTS), args.days)
+    for name, path in paths.items():
+        print(f"{name:10} {path}")
+    print(
+        f"serve with: coralline serve --tls-dir {args.out}  (clients: --ca {paths['ca']}); "
+        f"keep {paths['ca-key']} private"
+    )
+    return 0
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -548,7 +599,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate on a running server (coralline verifier / the router) through the client "
         "SDK instead of in this process; bearer token from $CORALLINE_TOKEN",
     )
+    g.add_argument("--ca", default=None, metavar="PEM", help="--endpoint is TLS: its CA")
+    g.add_argument("--client-cert", default=None, metavar="PEM", help="for a mutual-TLS port")
+    g.add_argument("--client-key", default=None, metavar="PEM", help="the client cert's key")
     g.set_defaults(fn=_cmd_generate)
+
+    def tls_args(sp) -> None:
+        t = sp.add_argument_group("security (docs/security.md)")
+        t.add_argument(
+            "--tls-dir",
+            default=None,
+            metavar="DIR",
+            help="mutual TLS with DIR/server.pem, DIR/server-key.pem and DIR/ca.pem (made by "
+            "`coralline certs DIR`): on this port and on every link this process dials",
+        )
+        t.add_argument("--tls-cert", default=None, metavar="PEM", help="this process's certificate")
+        t.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+        t.add_argument(
+            "--tls-ca",
+            default=None,
+            metavar="PEM",
+            help="the CA of the peers: the port then requires client certificates (mutual TLS)",
+        )
+        t.add_argument(
+            "--tls-server-name",
+            default=None,
+            metavar="NAME",
+            help="the name to check in the certificates of the servers this process dials "
+            "(default: the host it dials)",
+        )
 
     def server_args(sp, port: int) -> None:
         sp.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
@@ -567,6 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--advertise", default=None, metavar="HOST:PORT", help="the address to register"
+        )
+        tls_args(sp)
+        sp.add_argument(
+            "--api-tokens-file",
+            default=None,
+            metavar="FILE",
+            help="bearer tokens (one per line) the public Generation API accepts; also "
+            "$CORALLINE_API_TOKENS (comma-separated). Unset: no auth",
         )
         sp.add_argument(
             "--metrics-port",
@@ -706,6 +793,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no live view, no /metrics, no tracing (the OTEL_* variables still apply)",
     )
+    sv.add_argument(
+        "--tls-dir",
+        default=None,
+        metavar="DIR",
+        help="a `coralline certs` folder: TLS on the public port (clients verify it with "
+        "DIR/ca.pem) and mutual TLS between every service (docs/security.md)",
+    )
+    sv.add_argument(
+        "--api-tokens-file",
+        default=None,
+        metavar="FILE",
+        help="bearer tokens (one per line) the public port accepts; also $CORALLINE_API_TOKENS "
+        "(comma-separated). Unset: no auth",
+    )
     sv.set_defaults(fn=_cmd_serve)
 
     hc = sub.add_parser(
@@ -716,7 +817,24 @@ def build_parser() -> argparse.ArgumentParser:
     hc.add_argument("--endpoint", default="127.0.0.1:50051", metavar="HOST:PORT")
     hc.add_argument("--service", default="", help="a service name (default: the whole server)")
     hc.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    tls_args(hc)
     hc.set_defaults(fn=_cmd_health)
+
+    ce = sub.add_parser(
+        "certs",
+        help="make a development CA and certificates for TLS / mutual TLS (`make certs`): "
+        "ca.pem, server.pem, client.pem and their keys",
+    )
+    ce.add_argument("out", nargs="?", default="certs", help="the folder (default: certs)")
+    ce.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="a name or address in the service certificate (repeatable; default: localhost, "
+        "127.0.0.1, ::1)",
+    )
+    ce.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
+    ce.set_defaults(fn=_cmd_certs)
 
     tr = sub.add_parser(
         "trace-report",

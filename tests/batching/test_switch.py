@@ -12,11 +12,11 @@ from .test_costs import TABLE  # flat up to 32 tokens, then linear
 
 
 def _spec(accepted: int, draft_ms: float, verify_ms: float, nodes: int = 8) -> RoundStats:
-    return RoundStats(1, nodes, accepted, draft_ms, verify_ms)
+    return RoundStats(2, nodes, accepted, draft_ms, verify_ms)
 
 
 def _plain(ms: float) -> RoundStats:
-    return RoundStats(1, 1, 0, 0.0, ms, plain=True)
+    return RoundStats(2, 1, 0, 0.0, ms, plain=True)
 
 
 class Load:
@@ -28,6 +28,7 @@ class Load:
 
 
 def _switch(sessions: int, **kw) -> tuple[SpeculationSwitch, Load]:
+    kw.setdefault("min_rounds", 1)
     load = Load(sessions)
     return SpeculationSwitch(LoadPolicy(TABLE), load, SwitchConfig(**kw)), load
 
@@ -41,8 +42,14 @@ def test_one_session_always_speculates():
 
 
 def test_nothing_measured_yet_means_speculate():
-    sw, _ = _switch(16)
+    """The first round (the drafter reads the whole prompt) is not measured, and a session
+    needs min_rounds measured speculative rounds before it may turn speculation off."""
+    sw, _ = _switch(16, min_rounds=3)
     assert sw(None)
+    assert sw(RoundStats(1, 8, 0, 900.0, 210.0))  # round 1: the Open
+    assert sw.measured == 0
+    assert sw(_spec(1, 400.0, 210.0)) and sw(_spec(1, 400.0, 210.0))
+    assert not sw(_spec(1, 400.0, 210.0))  # the third: enough to see it does not pay
 
 
 def test_a_paying_drafter_keeps_speculating_under_load():

@@ -17,7 +17,9 @@ session's tree size):
   spec_ms       ~ draft_ms + plain_ms * t(S * n) / t(S)         (from plain rounds)
 It changes mode when the other one is predicted faster by `margin`, and a plain session asks the
 drafter again every `probe_every` plain rounds so that tau and the drafting time stay current.
-One session (S <= 1) always speculates: a lone session's rounds never depend on load.
+One session (S <= 1) always speculates: a lone session's rounds never depend on load. Nor does
+a session switch before `min_rounds` speculative rounds were measured; the first round is not
+measured at all (its proposal waits for the drafter to read the whole prompt).
 
 Lossless either way: a plain round is plain decoding, with the same keyed coins. The drafter is
 told what it missed at its next round (the engine sends the committed backlog and its features).
@@ -37,11 +39,14 @@ from coralline.batching.costs import LoadPolicy
 class SwitchConfig:
     margin: float = 0.10  # the other mode must be predicted this much faster to switch
     probe_every: int = 16  # plain rounds between two speculative probes
-    smoothing: float = 0.3  # weight of the newest round in the running means
+    smoothing: float = 0.2  # weight of the newest round in the running means
+    min_rounds: int = 3  # speculative rounds measured before the first switch
 
     def __post_init__(self) -> None:
         if self.margin < 0 or self.probe_every < 1 or not 0 < self.smoothing <= 1:
             raise ValueError("margin >= 0, probe_every >= 1 and 0 < smoothing <= 1 required")
+        if self.min_rounds < 1:
+            raise ValueError("min_rounds must be >= 1")
 
 
 class _Mean:
@@ -73,6 +78,7 @@ class SpeculationSwitch:
         self.nodes = _Mean(c.smoothing)  # tree nodes, root included
         self.plain_ms = _Mean(c.smoothing)  # a plain round, all of it
         self.speculating = True
+        self.measured = 0  # speculative rounds in the means
         self.plain_run = 0  # plain rounds since the last speculative one
         self.switches = 0
 
@@ -83,11 +89,12 @@ class SpeculationSwitch:
         return self.decide()
 
     def observe(self, stats) -> None:
-        if stats.fallback is not None:  # the drafter failed: says nothing about speculation
-            return
+        if stats.fallback is not None or stats.round <= 1:  # a failed drafter, or the Open:
+            return  # neither says what a speculative round costs
         if stats.plain:
             self.plain_ms.add(stats.draft_ms + stats.verify_ms)
             return
+        self.measured += 1
         self.tokens.add(1 + stats.accepted)
         self.draft_ms.add(stats.draft_ms)
         self.verify_ms.add(stats.verify_ms)
@@ -108,8 +115,9 @@ class SpeculationSwitch:
 
     def decide(self) -> bool:
         s = self.sessions()
-        rates = self.rates(s) if s > 1 else None
-        if rates is None:  # one session, or nothing measured yet
+        enough = self.measured >= self.config.min_rounds
+        rates = self.rates(s) if s > 1 and enough else None
+        if rates is None:  # one session, or too little measured yet
             want = True
         else:
             spec, plain = rates

@@ -43,9 +43,10 @@ class AsyncClient:
         timeout: float | None = _common.DEFAULT_TIMEOUT_S,
         retries: int = _common.DEFAULT_RETRIES,
         options: ChannelOptions | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
     ) -> None:
         self._settings = _common.make_settings(
-            target, token, root_certificates, timeout, retries, options
+            target, token, root_certificates, timeout, retries, options, client_cert
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub_: generation_pb2_grpc.GenerationStub | None = None
@@ -64,7 +65,7 @@ class AsyncClient:
         if self._stub_ is None:
             s = self._settings
             if s.root_certificates is not None:
-                creds = grpc.ssl_channel_credentials(s.root_certificates)
+                creds = s.credentials()
                 self._channel = grpc.aio.secure_channel(s.target, creds, options=list(s.options))
             else:
                 self._channel = grpc.aio.insecure_channel(s.target, options=list(s.options))

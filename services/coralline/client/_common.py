@@ -50,10 +50,18 @@ class Settings:
     timeout: float | None
     retries: int
     options: tuple[tuple[str, Any], ...]
+    client_cert: tuple[bytes, bytes] | None = None  # (certificate chain, private key) PEM
 
     @property
     def tls(self) -> bool:
         return self.root_certificates is not None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """TLS credentials (the caller checked `tls`), with the client certificate if any."""
+        chain, key = self.client_cert or (None, None)
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, private_key=key, certificate_chain=chain
+        )
 
     def describe(self, cls: str) -> str:
         """The client's repr: target and settings, never the token."""
@@ -71,6 +79,7 @@ def make_settings(
     timeout: float | None,
     retries: int,
     options: ChannelOptions | None,
+    client_cert: tuple[bytes, bytes] | None = None,
 ) -> Settings:
     if not isinstance(target, str) or not target:
         raise ValueError(f"target must be a non-empty 'host:port' string, got {target!r}")
@@ -79,6 +88,15 @@ def make_settings(
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     if root_certificates is not None and not isinstance(root_certificates, bytes):
         raise TypeError("root_certificates must be PEM bytes (or None for an insecure channel)")
+    if client_cert is not None:
+        if root_certificates is None:
+            raise ValueError("a client certificate needs TLS: give root_certificates too")
+        if not (
+            isinstance(client_cert, tuple)
+            and len(client_cert) == 2
+            and all(isinstance(b, bytes) for b in client_cert)
+        ):
+            raise TypeError("client_cert must be (certificate chain PEM bytes, key PEM bytes)")
     metadata: tuple[tuple[str, str], ...] = ()
     if token:  # None or "" (an unset environment variable): no authorization header
         metadata = (("authorization", f"Bearer {token}"),)
@@ -89,6 +107,7 @@ def make_settings(
         timeout=None if timeout is None else float(timeout),
         retries=retries,
         options=tuple((str(k), v) for k, v in (options or ())),
+        client_cert=client_cert,
     )
 
 

@@ -29,7 +29,8 @@ _R = TypeVar("_R")
 class Client:
     """A blocking client of the coralline Generation service at `target` ("host:port").
 
-    TLS when `root_certificates` (PEM bytes) is given, else an insecure channel. `token` is sent
+    TLS when `root_certificates` (PEM bytes) is given, else an insecure channel; `client_cert`
+    = (certificate chain, private key) PEM bytes for a mutual-TLS port. `token` is sent
     as "authorization: Bearer <token>" on every call. `timeout` (seconds, None = none) is the
     default deadline of each call, retries included; every method takes `timeout=` to override.
     `retries`: how many times a call that failed with UNAVAILABLE is retried (a stream only
@@ -45,13 +46,14 @@ class Client:
         timeout: float | None = _common.DEFAULT_TIMEOUT_S,
         retries: int = _common.DEFAULT_RETRIES,
         options: ChannelOptions | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
     ) -> None:
         self._settings = _common.make_settings(
-            target, token, root_certificates, timeout, retries, options
+            target, token, root_certificates, timeout, retries, options, client_cert
         )
         s = self._settings
         if s.root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(s.root_certificates)
+            creds = s.credentials()
             self._channel = grpc.secure_channel(s.target, creds, options=list(s.options))
         else:
             self._channel = grpc.insecure_channel(s.target, options=list(s.options))

@@ -140,7 +140,8 @@ def from_args(args: dict):
     config, e.g. a KubeRay RayService's serveConfigV2): `args` are RouterConfig's fields
     (lists for the address tuples) plus ReplicaConfig's. `$VAR` / `${VAR}` in string values
     are expanded from the replica's environment, so a Redis password stays in a Secret
-    (`redis: redis://:${REDIS_PASSWORD}@redis:6379/0`). Ingress there is Serve's gRPC proxy
+    (`redis: redis://:${REDIS_PASSWORD}@redis:6379/0`); `tls` is a mapping of TlsConfig's
+    fields (certificate files mounted in the pod). Ingress there is Serve's gRPC proxy
     (`grpc_options` in the same config); nothing is forced onto loopback."""
     from dataclasses import fields
 
@@ -155,6 +156,10 @@ def from_args(args: dict):
     router = {
         k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k in router_keys
     }
+    if isinstance(router.get("tls"), dict):  # {cert, key, ca, server_name}: paths in the pod
+        from coralline.rpc.security import TlsConfig
+
+        router["tls"] = TlsConfig(**router["tls"])
     replicas = {k: v for k, v in args.items() if k in replica_keys}
     return build_app(RouterConfig(**router), ReplicaConfig(**replicas))
 

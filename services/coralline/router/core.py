@@ -38,6 +38,7 @@ from coralline.router.workers import WorkerPool
 from coralline.rpc import codec
 from coralline.rpc.errors import ServiceError, not_found
 from coralline.rpc.protos import common_pb2, generation_pb2, verifier_pb2
+from coralline.rpc.security import TlsConfig
 from coralline.sampling import fresh_seed
 from coralline.session import (
     CANCELLED,
@@ -82,6 +83,7 @@ class RouterConfig:
     refresh_s: float = 0.25  # how stale the workers' loads may be
     retry_after_s: float = 1.0  # the hint sent with RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 << 20
+    tls: TlsConfig | None = None  # mutual TLS to the verifiers and drafters (rpc/security.py)
 
     def __post_init__(self) -> None:
         if not self.verifiers and not self.redis and not self.kubernetes_namespace:
@@ -164,6 +166,7 @@ class RouterCore:
             discovery if discovery is not None else make_discovery(config),
             refresh_s=config.refresh_s,
             max_message_bytes=config.max_message_bytes,
+            tls=config.tls,
         )
         self.tokenizer = models.load_tokenizer(config.model)
 

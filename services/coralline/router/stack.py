@@ -32,6 +32,7 @@ from coralline.router.app import (
 )
 from coralline.router.core import RouterConfig
 from coralline.rpc.process import ServerProcess
+from coralline.rpc.security import TlsConfig
 from coralline.rpc.server import ServerOptions
 
 log = logging.getLogger("coralline.serve")
@@ -60,6 +61,10 @@ class StackConfig:
     dashboard_port: int = 8321  # the live view, the router's /metrics and the Prometheus HTTP
     # service discovery of every /metrics (0 = a free port); on `host`
     trace_file: str | None = None  # append every span there as OTLP/JSON lines (trace-report)
+    tls_dir: str | None = None  # `coralline certs` folder: mutual TLS on every internal link,
+    # TLS on the public port (clients verify it with ca.pem)
+    api_tokens: frozenset[str] = frozenset()  # bearer tokens the public port accepts (none:
+    # no auth); they stay in this process (workers' ports are mutual TLS, not tokens)
 
     def __post_init__(self) -> None:
         if self.ingress not in INGRESSES:
@@ -76,6 +81,20 @@ class StackConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not 0 <= self.dashboard_port < 65536:
             raise ValueError(f"dashboard_port must be in [0, 65535], got {self.dashboard_port}")
+        if self.tls_dir is not None:
+            TlsConfig.from_dir(self.tls_dir, "server")  # the files exist and are PEM, or it
+            # says which does not
+
+    @property
+    def internal_tls(self) -> TlsConfig | None:
+        """What every coralline process presents and checks on the internal links."""
+        return None if self.tls_dir is None else TlsConfig.from_dir(self.tls_dir, "server")
+
+    @property
+    def public_tls(self) -> TlsConfig | None:
+        """The public port: TLS with the service certificate; clients need only ca.pem."""
+        tls = self.internal_tls
+        return None if tls is None else TlsConfig(tls.cert, tls.key)
 
 
 def _free_port() -> int:
@@ -187,7 +206,8 @@ class Stack:
     def _worker_args(self) -> list[str]:
         cfg = self.config
         metrics = ["--metrics-port", "0"] if cfg.telemetry else []
-        return ["--model", cfg.model, "--device", cfg.device, *metrics]
+        tls = ["--tls-dir", cfg.tls_dir] if cfg.tls_dir else []
+        return ["--model", cfg.model, "--device", cfg.device, *metrics, *tls]
 
     def _verifier_args(self) -> list[str]:
         cfg = self.config
@@ -227,6 +247,7 @@ class Stack:
             drafters=tuple(p.address for p in self.drafters),
             redis=self.config.redis,
             default_drafter="coral" if self.drafters else "none",
+            tls=self.config.internal_tls,
         )
 
     # ------------------------------------------------------------------ Ray Serve
@@ -287,7 +308,12 @@ class Stack:
             try:
                 self._front, self._servicer = await start_front(
                     handle,
-                    ServerOptions(host=self.config.host, port=self.config.port),
+                    ServerOptions(
+                        host=self.config.host,
+                        port=self.config.port,
+                        tls=self.config.public_tls,
+                        api_tokens=self.config.api_tokens,
+                    ),
                     metrics=self.config.telemetry,
                 )
                 self.address = self._front.address
@@ -352,7 +378,15 @@ class Stack:
                 self._ray = False
 
     def describe(self) -> list[str]:
+        cfg = self.config
         lines = [f"coralline serve listening on {self.address} ({self.ingress} ingress)"]
+        if cfg.tls_dir:
+            lines.append(
+                f"  TLS on the public port (clients: ca {cfg.tls_dir}/ca.pem); mutual TLS "
+                "between the services"
+            )
+        if cfg.api_tokens:
+            lines.append(f"  bearer token required ({len(cfg.api_tokens)} accepted)")
         for p in self.drafters:
             lines.append(f"  drafter  {p.address} pid {p.pid}")
         for p in self.verifiers:

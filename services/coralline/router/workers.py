@@ -23,6 +23,7 @@ import grpc
 from coralline.router.discovery import Discovery
 from coralline.router.placement import VERIFIER, Worker
 from coralline.rpc.protos import drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from coralline.rpc.security import TlsConfig, aio_channel
 from coralline.rpc.server import channel_options
 
 log = logging.getLogger("coralline.router")
@@ -35,8 +36,11 @@ class WorkerPool:
         refresh_s: float = 0.25,
         info_timeout_s: float = 1.0,
         max_message_bytes: int = 64 << 20,
+        tls: TlsConfig | None = None,
     ) -> None:
+        """tls: mutual TLS to the workers (None: insecure channels)."""
         self.discovery = discovery
+        self.tls = tls
         self.refresh_s, self.info_timeout_s = refresh_s, info_timeout_s
         self.max_message_bytes = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -47,8 +51,8 @@ class WorkerPool:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
-                address, options=channel_options(self.max_message_bytes)
+            self._channels[address] = aio_channel(
+                address, self.tls, channel_options(self.max_message_bytes)
             )
         return self._channels[address]
 

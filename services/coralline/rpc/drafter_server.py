@@ -381,7 +381,7 @@ async def start_drafter(
     """Build the service, bind, start; returns (server, service). `server.address` is set.
     tracing: default from the OTEL_* variables."""
     service = DrafterService(config, tracing)
-    server = Server(config.server, [SERVICE_NAME])
+    server = Server(config.server, [SERVICE_NAME], public=())  # internal: mutual TLS, no tokens
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(service, server.server)
     await server.start()
     server.register(

@@ -1,6 +1,8 @@
 """What every coralline gRPC server shares: an aio server on one address with the error
 interceptor, message-size limits, keepalive settings, the standard health service and server
-reflection, and a graceful stop on SIGTERM / Ctrl-C (health NOT_SERVING, then drain).
+reflection, and a graceful stop on SIGTERM / Ctrl-C (health NOT_SERVING, then drain). With
+`tls`, the port is TLS (mutual when the config names a CA); with `api_tokens`, the public
+services ask for a bearer token (rpc/security.py).
 
 Knows nothing about the services it hosts.
 """
@@ -18,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coralline.rpc.errors import ErrorInterceptor
+from coralline.rpc.security import BearerAuth, TlsConfig, Tokens
 
 MiB = 1 << 20
 
@@ -33,6 +36,10 @@ class ServerOptions:
     registry: str | None = None  # redis://... : register this server there with a TTL and its
     # load (router/registry.py), so routers discover it
     advertise: str | None = None  # the address others should dial (default: the bound one)
+    tls: TlsConfig | None = None  # TLS on this port (mutual TLS when it names a CA); also what
+    # this process presents when it dials other coralline services
+    api_tokens: frozenset[str] = frozenset()  # bearer tokens the public services accept
+    # (empty: no auth); never logged
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -58,11 +65,23 @@ def channel_options(max_message_bytes: int = 64 * MiB, keepalive_ms: int = 30_00
 class Server:
     """An aio server hosting services; `start()` binds and returns the bound address."""
 
-    def __init__(self, options: ServerOptions, service_names: Iterable[str]) -> None:
+    def __init__(
+        self,
+        options: ServerOptions,
+        service_names: Iterable[str],
+        public: Iterable[str] | None = None,
+    ) -> None:
+        """public: the services that ask for a bearer token when options.api_tokens is set
+        (default: all of service_names; the health service never does)."""
         self.options = options
         self.service_names = list(service_names)
+        interceptors: list = []
+        if options.api_tokens:
+            protected = self.service_names if public is None else list(public)
+            interceptors.append(BearerAuth(Tokens(options.api_tokens), protected))
+        interceptors.append(ErrorInterceptor())
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 *channel_options(options.max_message_bytes, options.keepalive_ms),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -81,7 +100,12 @@ class Server:
         self._heartbeat = None
 
     async def start(self) -> str:
-        port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        bind = f"{self.options.host}:{self.options.port}"
+        tls = self.options.tls
+        if tls is None:
+            port = self.server.add_insecure_port(bind)
+        else:
+            port = self.server.add_secure_port(bind, tls.server_credentials())
         if port == 0:
             raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
         await self.server.start()

@@ -53,6 +53,7 @@ from coralline.rpc.protos import (
     verifier_pb2_grpc,
 )
 from coralline.rpc.remote_drafter import RemoteDrafter, RemoteDrafterConfig, WireStats
+from coralline.rpc.security import aio_channel
 from coralline.rpc.server import Server, ServerOptions, channel_options
 from coralline.sampling import SamplingParams
 from coralline.session import (
@@ -280,7 +281,7 @@ class VerifierCore:
                 *channel_options(self.config.server.max_message_bytes),
                 ("grpc.lb_policy_name", "round_robin"),
             ]
-            self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=options)
+            self._channels[endpoint] = aio_channel(endpoint, self.config.server.tls, options)
         return self._channels[endpoint]
 
     def _start(
@@ -702,7 +703,9 @@ async def start_verifier(
     tracing: Tracing | None = None,
 ) -> tuple[Server, VerifierCore]:
     """tracing: default from the OTEL_* variables."""
-    server = Server(config.server, SERVICE_NAMES)
+    # the Generation service is public (bearer tokens when configured); VerifierService is the
+    # router's internal link (mutual TLS)
+    server = Server(config.server, SERVICE_NAMES, public=SERVICE_NAMES[1:])
     if on_evict is None and config.sessions_url:
         advertised = config.server.advertise
         on_evict = _release_holder(config.sessions_url, lambda: advertised or server.address)

@@ -200,6 +200,8 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
         default_drafter="none" if args.no_drafter else args.drafter,
         max_sessions=args.max_sessions,
         max_tree_nodes=args.max_tree_nodes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
         round_timeout_s=args.round_timeout,
         retain_sessions=args.retain_sessions,
         retain_tokens=args.retain_tokens,
@@ -253,8 +255,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         trace_file=args.trace_file,
         tls_dir=args.tls_dir,
         api_tokens=_tokens(args),
+        router_options=tuple(_key_value(o) for o in args.router_option or ()),
     )
     return run(config, ready=lambda line: print(line, flush=True))
+
+
+def _key_value(option: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as JSON when it parses (numbers, true/false), else a string."""
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--router-option takes KEY=VALUE, got {option!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _cmd_trace_report(args: argparse.Namespace) -> int:
@@ -685,6 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("--no-drafter", action="store_true", help="plain decoding only")
     vr.add_argument("--drafter", default=None, help="default drafter name (default: coral)")
     vr.add_argument("--max-tree-nodes", type=int, default=256)
+    vr.add_argument(
+        "--max-prompt-tokens", type=int, default=0, help="refuse longer prompts (0: the window)"
+    )
+    vr.add_argument(
+        "--max-new-tokens", type=int, default=4096, help="refuse requests asking for more"
+    )
     vr.add_argument("--round-timeout", type=float, default=2.0, help="seconds per proposal")
     vr.add_argument(
         "--retain-sessions", type=int, default=8, help="idle KV caches kept for next turns"
@@ -792,6 +812,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-telemetry",
         action="store_true",
         help="no live view, no /metrics, no tracing (the OTEL_* variables still apply)",
+    )
+    sv.add_argument(
+        "--router-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a RouterConfig field for the router replicas (repeatable), e.g. the limits: "
+        "max_prompt_tokens, max_new_tokens (4096), max_request_s (600), max_queued (64), "
+        "queue_timeout_s (10) (docs/security.md)",
     )
     sv.add_argument(
         "--tls-dir",

@@ -12,7 +12,8 @@ from .test_costs import TABLE  # flat up to 32 tokens, then linear
 
 
 def _spec(accepted: int, draft_ms: float, verify_ms: float, nodes: int = 8) -> RoundStats:
-    return RoundStats(2, nodes, accepted, draft_ms, verify_ms)
+    # the forward is all of verify_ms but 5 ms (acceptance and commit)
+    return RoundStats(2, nodes, accepted, draft_ms, verify_ms, forward_ms=verify_ms - 5.0)
 
 
 def _plain(ms: float) -> RoundStats:
@@ -62,7 +63,7 @@ def test_a_paying_drafter_keeps_speculating_under_load():
 
 def test_a_slow_drafter_under_load_turns_speculation_off_then_probes():
     # 16 sessions: the drafter is a queue (400 ms), trees push the forward to 16 x 8 = 128
-    # tokens (210 ms vs 55 ms for 16 plain tokens): 2 tokens in 610 ms < 1 token in ~55 ms
+    # tokens (210 ms vs 55 ms for 16 plain tokens): 2 tokens in 610 ms < 1 token in ~60 ms
     sw, _ = _switch(16, probe_every=4)
     sw(None)
     assert not sw(_spec(1, 400.0, 210.0, nodes=8))
@@ -86,7 +87,7 @@ def test_speculation_returns_when_the_load_drops():
 def test_hysteresis_keeps_a_close_call_where_it_is():
     sw, _ = _switch(8, margin=0.5)
     sw(None)
-    assert sw(_spec(2, 30.0, 60.0))  # 3 tokens in 90 ms; plain predicted at 60 x 52 / 110 ms
+    assert sw(_spec(2, 120.0, 60.0))  # 3 tokens in 180 ms; plain predicted at 5 + 52 ms
     spec, plain = sw.rates(8)
     assert spec < plain < spec * 1.5  # plain predicted faster, but not by the margin
     assert sw.switches == 0
@@ -106,3 +107,19 @@ def test_bad_config_is_refused():
         SwitchConfig(margin=-1)
     with pytest.raises(ValueError, match="probe_every"):
         SwitchConfig(probe_every=0)
+
+
+def test_a_slower_machine_makes_the_plain_prediction_slower():
+    """c (the forwards' slowdown against the table) scales the predicted plain forward."""
+    for c, want in ((1.0, False), (4.0, True)):
+        load = Load(8)
+        sw = SpeculationSwitch(LoadPolicy(TABLE), load, SwitchConfig(min_rounds=1), lambda c=c: c)
+        sw(None)
+        # 3 tokens in 200 ms vs plain 5 + c x 52 ms: plain pays at c = 1, not at c = 4
+        assert sw(_spec(2, 100.0, 100.0)) is want
+
+
+def test_slowdown_is_measured_against_the_table():
+    p = LoadPolicy(TABLE)
+    assert p.slowdown([]) == 1.0
+    assert p.slowdown([(16, 0.110), (16, 0.110), (128, 0.210)]) == pytest.approx(2.0)

@@ -152,6 +152,12 @@ class LoadPolicy:
         slope = (self.table[b] - self.table[a]) / (b - a)
         return self.table[b] + slope * (total - b)
 
+    def slowdown(self, batches) -> float:
+        """How much slower than the table recent forwards ran: the median of measured / table
+        over `batches` [(tokens, seconds)]; 1 when there are none."""
+        ratios = [s * 1e3 / self.cost(t) for t, s in batches if t > 0]
+        return statistics.median(ratios) if ratios else 1.0
+
     def hint(self, sessions: int, max_nodes: int) -> list[tuple[int, float]] | None:
         """[(n, ms of a round with n nodes)] when `sessions` (>= 2) share the forward; None for
         one session (the drafter's own model)."""

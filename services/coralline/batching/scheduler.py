@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,6 +105,8 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._free_since = 0.0  # perf_counter when the last batch ended
+        self.recent: deque[tuple[int, float]] = deque(maxlen=32)  # (tokens, seconds) of the
+        # last batches (the speculation switch reads how loaded the machine is from them)
         # called as on_batch(items, tokens, forward seconds) after each batch (metrics)
         self.on_batch: Callable[[int, int, float], None] | None = None
 
@@ -231,6 +234,7 @@ class BatchScheduler:
                 st.items += len(batch)
                 st.tokens += sum(w.item.size for w in batch)
                 st.forward_s += t1 - t0
+                self.recent.append((sum(w.item.size for w in batch), t1 - t0))
                 st.wait_s += sum(t0 - w.queued for w in batch)
                 st.sessions_hist[len(batch)] = st.sessions_hist.get(len(batch), 0) + 1
                 st.mixed += len({w.tree for w in batch}) == 2

@@ -12,8 +12,10 @@ round, whether to ask the drafter at all (the engine's `speculate` hook):
   plain rate        = 1 / plain_ms                           measured on its plain rounds
 where the mode not in use is predicted from the one in use with the load's cost table
 (costs.py, t(T) = ms of a forward over T tokens, S = sessions sharing the forward, n = the
-session's tree size):
-  plain_ms      ~ verify_ms * t(S) / t(S * n)                   (from speculative rounds)
+session's tree size, c = how much slower than the table the batched forwards run now: the
+other processes on the machine, the drafter among them):
+  plain_ms      ~ (verify_ms - forward_ms) + c * t(S)           (from speculative rounds: the
+                  forward alone, without the wait for the others' drafting)
   spec_ms       ~ draft_ms + plain_ms * t(S * n) / t(S)         (from plain rounds)
 It changes mode when the other one is predicted faster by `margin`, and a plain session asks the
 drafter again every `probe_every` plain rounds so that tau and the drafting time stay current.
@@ -68,13 +70,17 @@ class SpeculationSwitch:
         policy: LoadPolicy,
         sessions: Callable[[], int],
         config: SwitchConfig | None = None,
+        slowdown: Callable[[], float] | None = None,
     ) -> None:
+        """sessions(): sessions sharing the forward now; slowdown(): c above (None: 1)."""
         self.policy = policy
         self.sessions = sessions
+        self.slowdown = slowdown or (lambda: 1.0)
         self.config = c = config or SwitchConfig()
         self.tokens = _Mean(c.smoothing)  # tokens per speculative round (1 + accepted)
         self.draft_ms = _Mean(c.smoothing)  # waiting for the proposal
         self.verify_ms = _Mean(c.smoothing)  # forward (queue included) + acceptance + commit
+        self.after_ms = _Mean(c.smoothing)  # acceptance + commit (verify_ms - forward_ms)
         self.nodes = _Mean(c.smoothing)  # tree nodes, root included
         self.plain_ms = _Mean(c.smoothing)  # a plain round, all of it
         self.speculating = True
@@ -98,6 +104,7 @@ class SpeculationSwitch:
         self.tokens.add(1 + stats.accepted)
         self.draft_ms.add(stats.draft_ms)
         self.verify_ms.add(stats.verify_ms)
+        self.after_ms.add(max(stats.verify_ms - stats.forward_ms, 0.0))
         self.nodes.add(stats.tree_nodes)
 
     def rates(self, sessions: int) -> tuple[float, float] | None:
@@ -108,7 +115,9 @@ class SpeculationSwitch:
         ratio = self.policy.cost(sessions) / self.policy.cost(max(1, round(sessions * n)))
         p = self.plain_ms.value
         if self.speculating or p is None:
-            spec_ms, plain_ms = d + v, v * ratio
+            after = self.after_ms.value or 0.0
+            spec_ms = d + v
+            plain_ms = after + self.slowdown() * self.policy.cost(sessions)
         else:
             spec_ms, plain_ms = d + p / ratio, p
         return tau / max(spec_ms, 1e-6), 1.0 / max(plain_ms, 1e-6)

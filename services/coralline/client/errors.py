@@ -34,7 +34,10 @@ class AlreadyExists(CorallineError):
 
 
 class ResourceExhausted(CorallineError):
-    """RESOURCE_EXHAUSTED: the server is full or the message too large."""
+    """RESOURCE_EXHAUSTED: the server is full or the message too large. `.retry_after_s`: when
+    the server suggests retrying (its `retry-after-ms` trailer), None when it gave no hint."""
+
+    retry_after_s: float | None = None
 
 
 class FailedPrecondition(CorallineError):
@@ -99,7 +102,23 @@ def from_rpc_error(e: grpc.RpcError) -> CorallineError:
     message = details_fn() if callable(details_fn) else None
     if message is None:
         message = str(e)
-    return error_class(code)(code, message)
+    err = error_class(code)(code, message)
+    if isinstance(err, ResourceExhausted):
+        err.retry_after_s = _retry_after(e)
+    return err
+
+
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The `retry-after-ms` trailer in seconds (None: absent or not a number)."""
+    trailers_fn = getattr(e, "trailing_metadata", None)
+    try:
+        trailers = trailers_fn() if callable(trailers_fn) else None
+        for key, value in trailers or ():
+            if key == "retry-after-ms":
+                return max(0.0, int(value) / 1e3)
+    except (TypeError, ValueError):
+        return None
+    return None
 
 
 __all__ = [

@@ -36,7 +36,7 @@ from coralline.router.discovery import StaticDiscovery
 from coralline.router.placement import NoCapacity, NoWorkers, Placement, Request, place
 from coralline.router.workers import WorkerPool
 from coralline.rpc import codec
-from coralline.rpc.errors import ServiceError, not_found
+from coralline.rpc.errors import ServiceError, exhausted, not_found
 from coralline.rpc.protos import common_pb2, generation_pb2, verifier_pb2
 from coralline.rpc.security import TlsConfig
 from coralline.sampling import fresh_seed
@@ -83,6 +83,15 @@ class RouterConfig:
     refresh_s: float = 0.25  # how stale the workers' loads may be
     retry_after_s: float = 1.0  # the hint sent with RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 << 20
+    # limits (INVALID_ARGUMENT / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, each naming itself)
+    max_prompt_tokens: int = 0  # a longer prompt (a conversation's history included) is
+    # refused; 0 = only the verifiers' context window bounds it
+    max_new_tokens: int = 4096  # a request asking for more is refused
+    max_request_s: float = 600.0  # a request still running after this ends with
+    # DEADLINE_EXCEEDED and its verifier session is freed (0 = no bound)
+    max_queued: int = 64  # requests of this replica waiting for a verifier with room; past it
+    # RESOURCE_EXHAUSTED at once, with the retry hint
+    queue_timeout_s: float = 10.0  # the longest a request waits there (0 = refuse when full)
     tls: TlsConfig | None = None  # mutual TLS to the verifiers and drafters (rpc/security.py)
 
     def __post_init__(self) -> None:
@@ -95,6 +104,10 @@ class RouterConfig:
             raise ValueError("give verifier addresses or a Kubernetes namespace, not both")
         if self.max_failovers < 0 or self.refresh_s < 0 or self.session_ttl_s <= 0:
             raise ValueError("max_failovers and refresh_s must be >= 0, session_ttl_s > 0")
+        if min(self.max_prompt_tokens, self.max_queued) < 0 or self.max_new_tokens < 1:
+            raise ValueError("max_prompt_tokens and max_queued must be >= 0, max_new_tokens >= 1")
+        if min(self.max_request_s, self.queue_timeout_s, self.retry_after_s) < 0:
+            raise ValueError("max_request_s, queue_timeout_s and retry_after_s must be >= 0")
 
 
 def make_store(config: RouterConfig):
@@ -169,6 +182,7 @@ class RouterCore:
             tls=config.tls,
         )
         self.tokenizer = models.load_tokenizer(config.model)
+        self.queued = 0  # requests in the admission queue (waiting for a verifier with room)
 
     # ------------------------------------------------------------------ the store, off-loop
     async def _store(self, fn, *args, **kwargs):
@@ -194,6 +208,15 @@ class RouterCore:
             return (history or []) + ids
         raise ValueError("the request has no prompt: set text or token_ids")
 
+    def _check_prompt(self, prompt: list[int]) -> list[int]:
+        limit = self.config.max_prompt_tokens
+        if limit and len(prompt) > limit:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens (a conversation's history included); this "
+                f"router accepts at most {limit} (max_prompt_tokens)"
+            )
+        return prompt
+
     def _eos(self) -> frozenset[int]:
         eos = self.tokenizer.eos_token_id
         return frozenset() if eos is None else frozenset([int(eos)])
@@ -203,6 +226,11 @@ class RouterCore:
         if limit is not None and limit <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {limit}")
         params = codec.sampling_from_pb(request.sampling, limit, list(request.stop))
+        if params.max_new_tokens > self.config.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens is {params.max_new_tokens}; this router allows at most "
+                f"{self.config.max_new_tokens} (max_new_tokens)"
+            )
         if params.seed is None:  # fixed here, so a failover continues the same random stream
             params = dataclasses.replace(params, seed=fresh_seed())
         drafter = request.drafter or self.config.default_drafter
@@ -226,7 +254,9 @@ class RouterCore:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"session {sid!r} is still running: wait for its stream to end",
                 )
-            prompt = self._prompt(request, list(old.prompt_ids) + list(old.token_ids))
+            prompt = self._check_prompt(
+                self._prompt(request, list(old.prompt_ids) + list(old.token_ids))
+            )
             try:
                 rec = await self._store(self.store.begin_turn, sid, prompt, sampling, drafter)
             except SessionConflict:
@@ -234,7 +264,7 @@ class RouterCore:
                     grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is already running"
                 ) from None
         else:
-            prompt = self._prompt(request, None)
+            prompt = self._check_prompt(self._prompt(request, None))
             sid = sid or uuid.uuid4().hex
             rec = SessionRecord(
                 sid, len(prompt), drafter, request.verifier, prompt_ids=prompt, sampling=sampling
@@ -247,23 +277,78 @@ class RouterCore:
                 ) from None
         return _Turn(rec, prompt, params, drafter, request.verifier)
 
-    async def _place(self, turn: _Turn, exclude: set[str]) -> Placement:
-        workers = await self.pool.workers()
+    async def _place(self, turn: _Turn, exclude: set[str], busy: set[str]) -> Placement:
+        """A verifier with room (and a drafter), avoiding `exclude` (failed this request) and
+        `busy` (refused it as full). When every verifier is full the request waits in this
+        replica's admission queue (at most max_queued requests, each at most queue_timeout_s,
+        polling the workers' loads), then RESOURCE_EXHAUSTED with the retry hint."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        deadline, queued = None, False
         try:
-            p = place(
-                workers,
-                Request(turn.sid, turn.drafter, holder=turn.record.holder),
-                exclude,
-                self.config.retry_after_s,
-            )
-        except NoWorkers as e:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        except NoCapacity as e:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            while True:
+                workers = await self.pool.workers()
+                try:
+                    try:
+                        p = place(
+                            workers,
+                            Request(turn.sid, turn.drafter, holder=turn.record.holder),
+                            exclude | busy,
+                            cfg.retry_after_s,
+                        )
+                        break
+                    except NoWorkers as e:
+                        if not busy:
+                            raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+                        busy.clear()  # full a moment ago: wait for room as for any full one
+                        raise NoCapacity(
+                            f"every verifier refused the session as full; retry in "
+                            f"{cfg.retry_after_s:g} s",
+                            cfg.retry_after_s,
+                        ) from None
+                except NoCapacity as e:
+                    if deadline is None:
+                        if self.queued >= cfg.max_queued or cfg.queue_timeout_s <= 0:
+                            raise exhausted(
+                                f"{e}; the admission queue is full ({self.queued} waiting)",
+                                e.retry_after_s,
+                            ) from None
+                        deadline, queued = loop.time() + cfg.queue_timeout_s, True
+                        self.queued += 1
+                    left = deadline - loop.time()
+                    request_left = self._time_left(turn)
+                    if request_left is not None:
+                        left = min(left, request_left)
+                    if left <= 0:
+                        raise exhausted(
+                            f"{e} (waited {cfg.queue_timeout_s:g} s in the admission queue)",
+                            e.retry_after_s,
+                        ) from None
+                    await asyncio.sleep(min(max(cfg.refresh_s, 0.05), left))
+        finally:
+            if queued:
+                self.queued -= 1
         self.pool.placed(p.verifier.address, p.drafter.address if p.drafter else "")
         if p.reason:
             log.info("session %s: %s", turn.sid, p.reason)
         return p
+
+    def _time_left(self, turn: _Turn) -> float | None:
+        """Seconds left of the request's max_request_s (None: unbounded); past it, the error."""
+        bound = self.config.max_request_s
+        if not bound:
+            return None
+        left = bound - (time.perf_counter() - turn.started)
+        if left <= 0:
+            raise self._overtime(turn)
+        return left
+
+    def _overtime(self, turn: _Turn) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"session {turn.sid} ran longer than this router allows ({self.config.max_request_s:g}"
+            f" s, max_request_s) after {len(turn.ids)} tokens; its verifier session was freed",
+        )
 
     def _verify_request(self, turn: _Turn, p: Placement) -> verifier_pb2.VerifyRequest:
         params = turn.params
@@ -384,12 +469,13 @@ class RouterCore:
 
     async def _stream(self, turn: _Turn):
         """(GenerateResponse, None | (Summary, holder address)) per round, failing over."""
-        exclude: set[str] = set()
+        exclude: set[str] = set()  # verifiers that failed this request
+        busy: set[str] = set()  # verifiers that refused it as full
         trace, attempt = turn.trace, 0
         while True:
             attempt += 1
             t_place = time.time_ns()
-            p = await self._place(turn, exclude)
+            p = await self._place(turn, exclude, busy)
             address = p.verifier.address
             if trace is not None:
                 trace.placed(t_place, p, attempt)
@@ -398,7 +484,7 @@ class RouterCore:
             await self._store(self.store.update, turn.sid, **fields)
             span, metadata = trace.call(address, attempt) if trace is not None else (None, ())
             call = self.pool.verifier(address).Generate(
-                self._verify_request(turn, p), metadata=metadata
+                self._verify_request(turn, p), metadata=metadata, timeout=self._time_left(turn)
             )
             segment_start, failure = len(turn.ids), None
             try:
@@ -424,8 +510,10 @@ class RouterCore:
                         grpc.StatusCode.CANCELLED, f"session {turn.sid} was cancelled"
                     ) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    exclude.add(address)  # full since its last Info: another one
+                    busy.add(address)  # full since its last Info: another one, or the queue
                     continue
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.config.max_request_s:
+                    raise self._overtime(turn) from None  # the call's timeout: our bound
                 if code not in _FAILOVER:
                     raise ServiceError(code, e.details() or code.name) from None
                 self.pool.failed(address)

@@ -45,7 +45,7 @@ def _unwrap(e: BaseException) -> BaseException:
     if isinstance(e, ServiceError | ValueError):
         return e
     if isinstance(e, serve_exc.BackPressureError):
-        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after_s=1.0)
     if isinstance(e, ray_exc.RayActorError | serve_exc.DeploymentUnavailableError):
         return ServiceError(grpc.StatusCode.UNAVAILABLE, f"router replica unavailable: {e}")
     return e

@@ -20,7 +20,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from coralline.router.app import (
@@ -65,6 +65,8 @@ class StackConfig:
     # TLS on the public port (clients verify it with ca.pem)
     api_tokens: frozenset[str] = frozenset()  # bearer tokens the public port accepts (none:
     # no auth); they stay in this process (workers' ports are mutual TLS, not tokens)
+    router_options: tuple[tuple[str, object], ...] = ()  # RouterConfig fields to set (limits:
+    # max_prompt_tokens, max_new_tokens, max_request_s, max_queued, queue_timeout_s, ...)
 
     def __post_init__(self) -> None:
         if self.ingress not in INGRESSES:
@@ -81,9 +83,26 @@ class StackConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not 0 <= self.dashboard_port < 65536:
             raise ValueError(f"dashboard_port must be in [0, 65535], got {self.dashboard_port}")
+        self.router_config_for((), ())  # unknown or bad router options fail here
         if self.tls_dir is not None:
             TlsConfig.from_dir(self.tls_dir, "server")  # the files exist and are PEM, or it
             # says which does not
+
+    def router_config_for(self, verifiers: tuple[str, ...], drafters: tuple[str, ...]):
+        """The router replicas' RouterConfig for these workers (with router_options)."""
+        base = RouterConfig(
+            model=self.model,
+            verifiers=verifiers or ("unset:0",),
+            drafters=drafters,
+            redis=self.redis,
+            default_drafter="coral" if self.drafters else "none",
+            tls=self.internal_tls,
+        )
+        known = {f.name for f in fields(RouterConfig)}
+        unknown = sorted(k for k, _ in self.router_options if k not in known)
+        if unknown:
+            raise ValueError(f"unknown router options {unknown}; known: {sorted(known)}")
+        return replace(base, **dict(self.router_options))
 
     @property
     def internal_tls(self) -> TlsConfig | None:
@@ -241,13 +260,8 @@ class Stack:
             p.wait_ready(timeout_s)
 
     def router_config(self) -> RouterConfig:
-        return RouterConfig(
-            model=self.config.model,
-            verifiers=tuple(p.address for p in self.verifiers),
-            drafters=tuple(p.address for p in self.drafters),
-            redis=self.config.redis,
-            default_drafter="coral" if self.drafters else "none",
-            tls=self.config.internal_tls,
+        return self.config.router_config_for(
+            tuple(p.address for p in self.verifiers), tuple(p.address for p in self.drafters)
         )
 
     # ------------------------------------------------------------------ Ray Serve

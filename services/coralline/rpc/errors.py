@@ -16,24 +16,38 @@ import grpc
 log = logging.getLogger("coralline.rpc")
 
 
-class ServiceError(Exception):
-    """An error with the gRPC status it must be sent with."""
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata: when a refused request may retry
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # the same, for gRPC's own retry policy
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+class ServiceError(Exception):
+    """An error with the gRPC status it must be sent with (and, for a full server, when to
+    retry: sent as the `retry-after-ms` and `grpc-retry-pushback-ms` trailers)."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
     def __reduce__(self):  # crosses process boundaries intact (Ray Serve replicas -> front)
-        return (ServiceError, (self.code, self.message))
+        return (ServiceError, (self.code, self.message, self.retry_after_s))
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after_s is None:
+            return ()
+        ms = str(max(0, round(self.retry_after_s * 1e3)))
+        return ((RETRY_AFTER_KEY, ms), (PUSHBACK_KEY, ms))
 
 
 def not_found(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, message)
 
 
-def exhausted(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+def exhausted(message: str, retry_after_s: float | None = 1.0) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -50,6 +64,8 @@ _PASS = (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message = status_of(exc)
+    if isinstance(exc, ServiceError) and exc.trailers():
+        await context.abort(code, message, trailing_metadata=exc.trailers())
     await context.abort(code, message)
 
 

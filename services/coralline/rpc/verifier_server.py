@@ -81,6 +81,8 @@ class VerifierServiceConfig:
     default_drafter: str | None = None  # None: "coral" with a drafter link, else "none"
     max_sessions: int = 16  # RESOURCE_EXHAUSTED past it (each holds a KV cache)
     max_tree_nodes: int = 256  # a proposal above this (root included) is not verified
+    max_prompt_tokens: int = 0  # a longer prompt is refused (0: the context window decides)
+    max_new_tokens: int = 4096  # a request asking for more is refused
     round_timeout_s: float = 2.0  # per-round deadline for a proposal (see RemoteDrafterConfig)
     open_timeout_s: float = 10.0
     max_reconnects: int = 2
@@ -106,8 +108,10 @@ class VerifierServiceConfig:
             raise ValueError(f"unknown drafter {self.default_drafter!r}: {', '.join(DRAFTERS)}")
         if self.default_drafter not in (None, "none") and not self.drafter_endpoint:
             raise ValueError("a default drafter needs a drafter endpoint")
-        if self.max_sessions < 1 or self.max_tree_nodes < 1:
-            raise ValueError("max_sessions and max_tree_nodes must be >= 1")
+        if self.max_sessions < 1 or self.max_tree_nodes < 1 or self.max_new_tokens < 1:
+            raise ValueError("max_sessions, max_tree_nodes and max_new_tokens must be >= 1")
+        if self.max_prompt_tokens < 0:
+            raise ValueError("max_prompt_tokens must be >= 0")
         if self.retain_sessions < 0 or self.retain_tokens < 0:
             raise ValueError("retain_sessions and retain_tokens must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -313,6 +317,16 @@ class VerifierCore:
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the verifier is shutting down")
         # an empty prompt or ids outside the vocabulary: Engine.generate below says so
+        if cfg.max_prompt_tokens and len(prompt) > cfg.max_prompt_tokens:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; this verifier accepts at most "
+                f"{cfg.max_prompt_tokens} (max_prompt_tokens)"
+            )
+        if params.max_new_tokens > cfg.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens is {params.max_new_tokens}; this verifier allows at most "
+                f"{cfg.max_new_tokens} (max_new_tokens)"
+            )
         if len(prompt) + params.max_new_tokens > target.max_context:
             raise ValueError(
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens "
@@ -351,8 +365,9 @@ class VerifierCore:
                 if tel.tracing is not None:
                     engine.on_round_start = tel.round_started
             if remote is not None and self.load_policy is not None and cfg.plain_switch:
+                sched, policy = self.target.kv.scheduler, self.load_policy
                 engine.speculate = SpeculationSwitch(
-                    self.load_policy, self.target.kv.scheduler.sessions
+                    policy, sched.sessions, slowdown=lambda: policy.slowdown(list(sched.recent))
                 )
             # validates the pair before anything runs; reuse keeps the cache's common prefix
             gen = engine.generate(prompt, params, reuse_cache=retained is not None)

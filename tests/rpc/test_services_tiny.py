@@ -308,7 +308,7 @@ def test_the_drafter_refuses_a_head_for_another_target(tiny_stack):
 class _OneInThree:
     """A `speculate` hook: rounds 1, 4, 7, ... speculate, the others decode plainly."""
 
-    def __init__(self, *_) -> None:
+    def __init__(self, *_, **__) -> None:
         self.round = 0
 
     def __call__(self, last) -> bool:

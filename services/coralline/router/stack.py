@@ -405,7 +405,9 @@ class Stack:
             lines.append(f"  drafter  {p.address} pid {p.pid}")
         for p in self.verifiers:
             lines.append(f"  verifier {p.address} pid {p.pid}")
-        store = self.config.redis or "memory (in the router replica)"
+        from coralline.session_redis import redact_url
+
+        store = redact_url(cfg.redis) if cfg.redis else "memory (in the router replica)"
         lines.append(f"  sessions {store}; logs {self.log_dir}")
         if self.live is not None:
             lines.append(

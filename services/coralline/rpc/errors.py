@@ -69,9 +69,43 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, message)
 
 
-def _wrap_unary(fn):
+class Malformed:
+    """Stands for a request message that does not parse (bad wire format, invalid UTF-8 in a
+    string field): the handler then answers INVALID_ARGUMENT instead of gRPC's INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, UnicodeDecodeError, ...
+            return Malformed(e)
+
+    return parse
+
+
+def _parsed(request):
+    if isinstance(request, Malformed):
+        e = request.error
+        raise ValueError(f"the request message does not parse: {type(e).__name__}: {e}")
+    return request
+
+
+async def _parsed_stream(requests):
+    async for request in requests:
+        yield _parsed(request)
+
+
+def _wrap_unary(fn, streamed_requests: bool):
     async def handler(request, context):
         try:
+            request = _parsed_stream(request) if streamed_requests else _parsed(request)
             return await fn(request, context)
         except _PASS:
             raise
@@ -81,9 +115,10 @@ def _wrap_unary(fn):
     return handler
 
 
-def _wrap_stream(fn):
+def _wrap_stream(fn, streamed_requests: bool):
     async def handler(request, context):
         try:
+            request = _parsed_stream(request) if streamed_requests else _parsed(request)
             async for item in fn(request, context):
                 yield item
         except _PASS:
@@ -95,20 +130,26 @@ def _wrap_stream(fn):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by async handlers to statuses (see the module docstring)."""
+    """Maps exceptions raised by async handlers to statuses (see the module docstring), and a
+    request message that does not parse to INVALID_ARGUMENT."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        lenient = {"request_deserializer": _lenient(handler.request_deserializer)}
         if handler.unary_unary and asyncio.iscoroutinefunction(handler.unary_unary):
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, False), **lenient)
         if handler.stream_unary and asyncio.iscoroutinefunction(handler.stream_unary):
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, True), **lenient)
         if handler.unary_stream and _is_async_gen(handler.unary_stream):
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+            return handler._replace(
+                unary_stream=_wrap_stream(handler.unary_stream, False), **lenient
+            )
         if handler.stream_stream and _is_async_gen(handler.stream_stream):
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+            return handler._replace(
+                stream_stream=_wrap_stream(handler.stream_stream, True), **lenient
+            )
         return handler
 
 

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/out
 
-.PHONY: help install model servers test test-fast lint format demo serve bench bench-peers bench-quick protos proto-snapshot k8s images certs clean
+.PHONY: help install model servers test test-fast lint format demo serve bench bench-peers bench-quick protos proto-snapshot k8s images certs reliability clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -76,6 +76,9 @@ SERVE_ARGS ?=
 
 serve: install model ## Start the whole stack on loopback (public port 50051) and wait; Ctrl-C stops it (SERVE_ARGS="--verifiers 2 ...")
 	$(PY) -m coralline.cli serve $(SERVE_ARGS)
+
+reliability: install model servers ## Fuzzing (2000 messages per API), faults under load, a 120 s soak of 16 clients on the real stack -> reports/reliability.json + .md (~20 min)
+	$(PY) -m coralline.cli reliability --out reports $(RELIABILITY_ARGS)
 
 certs: install ## A development CA and certificates for TLS / mutual TLS in certs/ (coralline certs; CERTS_HOSTS="localhost 10.0.0.5")
 	.venv/bin/coralline certs certs $(foreach h,$(CERTS_HOSTS),--host $(h))

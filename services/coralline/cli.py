@@ -562,6 +562,26 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _cmd_reliability(args: argparse.Namespace) -> int:
+    from coralline.reliability.run import ReliabilityConfig, markdown, run, save
+
+    kw = {"model": args.model, "draft_checkpoint": args.draft_checkpoint, "seed": args.seed}
+    for key, value in (
+        ("stages", args.stages),
+        ("fuzz_messages", args.fuzz_messages),
+        ("soak_s", args.soak_s),
+        ("soak_clients", args.soak_clients),
+    ):
+        if value is not None:
+            kw[key] = value
+    cfg = ReliabilityConfig.quick(**kw) if args.quick else ReliabilityConfig(**kw)
+    report = run(cfg, command="coralline " + " ".join(sys.argv[1:]))
+    paths = save(report, args.out)
+    print(markdown(report))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0 if report["verdict"]["passed"] else 1
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from coralline.rpc.certs import DEFAULT_HOSTS, make_dev_ca
 
@@ -863,6 +883,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ce.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
     ce.set_defaults(fn=_cmd_certs)
+
+    rl = sub.add_parser(
+        "reliability",
+        help="fuzzing (>= 2000 generated messages per API), faults under load (SIGKILL of a "
+        "verifier, a drafter, a router replica; Redis restart; drafter-link latency) and a soak "
+        "test on the real stack on loopback -> OUT/reliability.json + .md (docs/reliability.md)",
+    )
+    rl.add_argument("--out", default="reports", help="the report folder (default: reports)")
+    rl.add_argument("--quick", action="store_true", help="the CI subset: smaller and shorter")
+    rl.add_argument(
+        "--stages",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help="comma-separated subset of fuzz,faults,soak (default: all)",
+    )
+    rl.add_argument("--fuzz-messages", type=int, default=None, help="per API (default 2000)")
+    rl.add_argument("--soak-s", type=float, default=None, help="soak duration (default 120)")
+    rl.add_argument("--soak-clients", type=int, default=None, help="default 16")
+    rl.add_argument("--model", default="smollm2-135m-instruct", help="the target")
+    rl.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")
+    rl.add_argument("--seed", type=int, default=0, help="the fuzz's seed (a failure replays)")
+    rl.set_defaults(fn=_cmd_reliability)
 
     tr = sub.add_parser(
         "trace-report",

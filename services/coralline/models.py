@@ -138,6 +138,7 @@ class TokenWeights:
     vocab_size: int
     num_attention_heads: int
     eos_token_ids: frozenset[int]
+    max_context: int = 2048  # the target's context window (max_position_embeddings)
 
     @property
     def fingerprint(self) -> str:
@@ -195,4 +196,5 @@ def load_token_weights(
         vocab_size=int(embed.shape[0]),
         num_attention_heads=int(cfg["num_attention_heads"]),
         eos_token_ids=frozenset(int(e) for e in eos_ids),
+        max_context=int(cfg.get("max_position_embeddings", 2048)),
     )

@@ -28,6 +28,8 @@ from typing import Protocol
 
 import torch
 
+MIN_TEMPERATURE = 1e-6  # below it, logits / T overflows float32: use 0 for greedy decoding
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -44,6 +46,10 @@ class SamplingParams:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:  # logits / t would overflow to inf (NaN probabilities)
+            raise ValueError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         p = self.top_p

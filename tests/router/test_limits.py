@@ -112,8 +112,12 @@ def test_the_admission_queue_waits_bounded_then_refuses_with_a_hint(verifier):
     )
 
     async def body(core: RouterCore) -> None:
-        hold = core.generate(_request("Count from one to five hundred.", 400))
-        await anext(hold)  # the only slot is taken
+        # the only slot, held by a request that will not end soon (raw text that counts on)
+        count = core.tokenizer.encode(", ".join(str(i) for i in range(1, 40)) + ",")
+        req = generation_pb2.GenerateRequest(max_new_tokens=400, drafter="none")
+        req.token_ids.ids[:] = count
+        hold = core.generate(req)
+        await anext(hold)
         t0 = time.perf_counter()
         waiting = asyncio.ensure_future(_collect(core, _request("Say hi.", 4)))
         await asyncio.sleep(0.3)  # it is in the queue now

@@ -8,15 +8,17 @@ alone) gives a session more tokens per second. The budget alone cannot find that
 root-only proposal still pays the drafter round trip. So each session decides, before every
 round, whether to ask the drafter at all (the engine's `speculate` hook):
 
-  speculative rate  = tau / (draft_ms + verify_ms)          measured on its speculative rounds
-  plain rate        = 1 / plain_ms                           measured on its plain rounds
-where the mode not in use is predicted from the one in use with the load's cost table
-(costs.py, t(T) = ms of a forward over T tokens, S = sessions sharing the forward, n = the
-session's tree size, c = how much slower than the table the batched forwards run now: the
-other processes on the machine, the drafter among them):
-  plain_ms      ~ (verify_ms - forward_ms) + c * t(S)           (from speculative rounds: the
-                  forward alone, without the wait for the others' drafting)
-  spec_ms       ~ draft_ms + plain_ms * t(S * n) / t(S)         (from plain rounds)
+  speculative rate  = tau / period      measured on its speculative rounds
+  plain rate        = 1 / period        measured on its plain rounds
+where a round's period runs from its start to the next round's start: the drafter's answer,
+the batched forward (with the wait for the batch), acceptance, the KV commit, streaming the
+chunk, all of it. The mode not in use is predicted from the one in use by swapping the parts
+that differ (S = sessions sharing the forward, t(T) = the cost table's ms for T tokens,
+costs.py, c = how much slower than the table the batched forwards run now: the other
+processes on the machine, the drafter among them):
+  plain period  ~ spec period - draft_ms - spec forward_ms + c * t(S)
+  spec period   ~ plain period - plain forward_ms + draft_ms + c * t(S * n)   (n: the
+                  session's tree size on its last speculative rounds)
 It changes mode when the other one is predicted faster by `margin`, and a plain session asks the
 drafter again every `probe_every` plain rounds so that tau and the drafting time stay current.
 One session (S <= 1) always speculates: a lone session's rounds never depend on load. Nor does
@@ -31,6 +33,7 @@ Pure: numbers in, a decision out; knows nothing of gRPC, drafters or the schedul
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,49 +80,56 @@ class SpeculationSwitch:
         self.sessions = sessions
         self.slowdown = slowdown or (lambda: 1.0)
         self.config = c = config or SwitchConfig()
-        self.tokens = _Mean(c.smoothing)  # tokens per speculative round (1 + accepted)
-        self.draft_ms = _Mean(c.smoothing)  # waiting for the proposal
-        self.verify_ms = _Mean(c.smoothing)  # forward (queue included) + acceptance + commit
-        self.after_ms = _Mean(c.smoothing)  # acceptance + commit (verify_ms - forward_ms)
-        self.nodes = _Mean(c.smoothing)  # tree nodes, root included
-        self.plain_ms = _Mean(c.smoothing)  # a plain round, all of it
+        w = c.smoothing
+        # speculative rounds: tokens (1 + accepted), period, drafter wait, forward (with the
+        # wait for the batch), tree nodes; plain rounds: period, forward
+        self.tokens, self.spec_period, self.draft_ms = _Mean(w), _Mean(w), _Mean(w)
+        self.spec_forward, self.nodes = _Mean(w), _Mean(w)
+        self.plain_period, self.plain_forward = _Mean(w), _Mean(w)
         self.speculating = True
         self.measured = 0  # speculative rounds in the means
         self.plain_run = 0  # plain rounds since the last speculative one
         self.switches = 0
 
-    def __call__(self, last) -> bool:
-        """Speculate this round? `last`: the previous round's RoundStats (None: the first)."""
+    def __call__(self, last, now_ns: int | None = None) -> bool:
+        """Speculate this round? `last`: the previous round's RoundStats (None: the first);
+        now_ns: this round's start (default: the clock), which ends the last one's period."""
         if last is not None:
-            self.observe(last)
+            now = time.time_ns() if now_ns is None else now_ns
+            self.observe(last, (now - last.start_ns) / 1e6)
         return self.decide()
 
-    def observe(self, stats) -> None:
+    def observe(self, stats, period_ms: float) -> None:
         if stats.fallback is not None or stats.round <= 1:  # a failed drafter, or the Open:
             return  # neither says what a speculative round costs
         if stats.plain:
-            self.plain_ms.add(stats.draft_ms + stats.verify_ms)
+            self.plain_period.add(period_ms)
+            self.plain_forward.add(stats.forward_ms)
             return
         self.measured += 1
         self.tokens.add(1 + stats.accepted)
+        self.spec_period.add(period_ms)
         self.draft_ms.add(stats.draft_ms)
-        self.verify_ms.add(stats.verify_ms)
-        self.after_ms.add(max(stats.verify_ms - stats.forward_ms, 0.0))
+        self.spec_forward.add(stats.forward_ms)
         self.nodes.add(stats.tree_nodes)
 
     def rates(self, sessions: int) -> tuple[float, float] | None:
         """(speculative, plain) tokens per ms predicted at this load; None: nothing measured."""
-        tau, d, v, n = (m.value for m in (self.tokens, self.draft_ms, self.verify_ms, self.nodes))
-        if tau is None or d is None or v is None or n is None:
+        tau, period, d, fwd = (
+            m.value for m in (self.tokens, self.spec_period, self.draft_ms, self.spec_forward)
+        )
+        if tau is None or period is None or d is None or fwd is None:
             return None
-        ratio = self.policy.cost(sessions) / self.policy.cost(max(1, round(sessions * n)))
-        p = self.plain_ms.value
-        if self.speculating or p is None:
-            after = self.after_ms.value or 0.0
-            spec_ms = d + v
-            plain_ms = after + self.slowdown() * self.policy.cost(sessions)
-        else:
-            spec_ms, plain_ms = d + p / ratio, p
+        plain_fwd = self.slowdown() * self.policy.cost(sessions)
+        p, pf = self.plain_period.value, self.plain_forward.value
+        if self.speculating or p is None or pf is None:
+            spec_ms = period
+            plain_ms = max(period - d - fwd + plain_fwd, plain_fwd)
+        else:  # the speculative forward as the table has it now (the load may have changed)
+            spec_fwd = self.slowdown() * self.policy.cost(
+                max(1, round(sessions * self.nodes.value))
+            )
+            spec_ms, plain_ms = max(p - pf + d + spec_fwd, d + spec_fwd), p
         return tau / max(spec_ms, 1e-6), 1.0 / max(plain_ms, 1e-6)
 
     def decide(self) -> bool:

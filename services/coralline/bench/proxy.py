@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import threading
 
 
@@ -18,10 +19,21 @@ class DelayProxy:
     delay adds latency, not a bandwidth cap. Runs its own event loop in a daemon thread.
     `upstream` ("host:port") may be set after start, before the first connection arrives."""
 
-    def __init__(self, delay_s: float, upstream: str | None = None, host: str = "127.0.0.1"):
-        if delay_s < 0:
-            raise ValueError("delay_s must be >= 0")
+    def __init__(
+        self,
+        delay_s: float,
+        upstream: str | None = None,
+        host: str = "127.0.0.1",
+        jitter_s: float = 0.0,
+        seed: int = 0,
+    ):
+        """jitter_s: each chunk is held delay_s plus a uniform draw in [0, jitter_s) (order
+        kept: a chunk never overtakes the one before it)."""
+        if delay_s < 0 or jitter_s < 0:
+            raise ValueError("delay_s and jitter_s must be >= 0")
         self.delay_s = delay_s
+        self.jitter_s = jitter_s
+        self._rng = random.Random(seed)
         self.upstream = upstream
         self.host = host
         self.port = 0
@@ -118,10 +130,13 @@ class DelayProxy:
 
         sender = asyncio.create_task(deliver())
         sender.add_done_callback(lambda t: t.cancelled() or t.exception())
+        last = 0.0
         try:
             while True:
                 data = await reader.read(1 << 16)
-                queue.put_nowait((loop.time() + self.delay_s, data))
+                jitter = self._rng.uniform(0, self.jitter_s) if self.jitter_s else 0.0
+                last = max(last, loop.time() + self.delay_s + jitter)
+                queue.put_nowait((last, data))
                 if not data:
                     break
                 if up:

@@ -65,6 +65,8 @@ class StackConfig:
     # TLS on the public port (clients verify it with ca.pem)
     api_tokens: frozenset[str] = frozenset()  # bearer tokens the public port accepts (none:
     # no auth); they stay in this process (workers' ports are mutual TLS, not tokens)
+    verifier_extra: tuple[str, ...] = ()  # more `coralline verifier` arguments (limits:
+    # --max-prompt-tokens, --max-new-tokens, ...)
     router_options: tuple[tuple[str, object], ...] = ()  # RouterConfig fields to set (limits:
     # max_prompt_tokens, max_new_tokens, max_request_s, max_queued, queue_timeout_s, ...)
 
@@ -231,6 +233,7 @@ class Stack:
     def _verifier_args(self) -> list[str]:
         cfg = self.config
         args = [*self._worker_args(), "--no-drafter", "--max-sessions", str(cfg.max_sessions)]
+        args += list(cfg.verifier_extra)
         return args + (["--sessions", cfg.redis] if cfg.redis else [])
 
     def start_workers(self, timeout_s: float = 180.0) -> None:

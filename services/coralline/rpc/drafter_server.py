@@ -187,6 +187,11 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         ids = [int(t) for t in msg.prompt_ids]
         if not ids:
             raise ValueError("Open.prompt_ids is empty")
+        if len(ids) > self.weights.max_context:
+            raise ValueError(
+                f"Open.prompt_ids has {len(ids)} tokens; the target's context window is "
+                f"{self.weights.max_context}"
+            )
         if min(ids) < 0 or max(ids) >= self.weights.vocab_size:
             raise ValueError(f"Open.prompt_ids must lie in [0, {self.weights.vocab_size})")
         feats = None
@@ -222,6 +227,11 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         if msg.HasField("features"):
             feats = codec.tensor_from_pb(
                 msg.features, name="Commit.features", rows=len(ids), cols=self.weights.hidden_size
+            )
+        if session.committed + len(ids) > self.weights.max_context:
+            raise ValueError(
+                f"the session would hold {session.committed + len(ids)} tokens; the target's "
+                f"context window is {self.weights.max_context}"
             )
         session.committed += len(ids)
         session.round = msg.round

@@ -769,10 +769,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument(
         "--speculation",
         choices=["adaptive", "budget", "always"],
-        default="adaptive",
-        help="under load (batching): 'adaptive' sizes trees by the batch's cost and decodes a "
-        "session plainly while speculation is predicted slower; 'budget' only sizes trees; "
-        "'always' leaves the tree size to the drafter's own model",
+        default="budget",
+        help="under load (batching): 'budget' (default) sizes each round's tree by the batch's "
+        "cost, down to the root alone; 'adaptive' also decodes a session plainly without asking "
+        "the drafter while speculation is predicted slower (experimental: slower on the 2-core "
+        "CPU measured, docs/batching.md); 'always' leaves tree sizes to the drafter's own model",
     )
     vr.set_defaults(fn=_cmd_verifier)
 
@@ -1025,7 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: tuple(v.split(",")),
         default=None,
         help="load: comma-separated subset of vllm,vllm-ngram,hf-batched,engine-plain,"
-        "verifier-coral,verifier-coral-budget,verifier-coral-pipelined,stack-coral (default: "
+        "verifier-coral,verifier-coral-switch,verifier-coral-pipelined,stack-coral (default: "
         "all; the vLLM peers "
         "need `make bench-peers`)",
     )

@@ -3,6 +3,7 @@ never costs a request its output, bad requests get clear statuses, cancellation 
 services. (SmolLM2 end to end, in separate processes: test_split_smollm2.py.)"""
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 
@@ -329,6 +330,8 @@ def test_plain_rounds_under_load_reach_the_drafter_service_as_one_commit(
     from coralline.rpc import verifier_server
 
     monkeypatch.setattr(verifier_server, "SpeculationSwitch", _OneInThree)
+    config = dataclasses.replace(tiny_stack.core.config, plain_switch=True)
+    monkeypatch.setattr(tiny_stack.core, "config", config)
     target = TargetRunner.load(TargetConfig(model=tiny_folders[0]))
     for seed in range(2):
         params = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=24)

@@ -10,10 +10,10 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
   engine-plain       the engine's plain decoding, sessions batched by the batch scheduler
                      (batching/), in this process
   verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, trees
-                     sized by the load, plain rounds where speculation does not pay: the
-                     default `--speculation adaptive`) as processes, clients through the SDK
-  verifier-coral-budget   the same with `--speculation budget`: trees sized by the load, but
-                     the drafter is asked every round (what the switch adds, side by side)
+                     sized by the load: the default `--speculation budget`) as processes,
+                     clients through the SDK
+  verifier-coral-switch   the same with `--speculation adaptive`: plain rounds, without the
+                     drafter, where speculation is predicted not to pay (batching/switch.py)
   verifier-coral-pipelined   the same with `coralline drafter --pipeline` (pre-drafting behind
                      a speculation cache); reports its hit rate and the drafting time hidden
   stack-coral        the same through the whole stack (`coralline serve`: Ray Serve router,
@@ -50,7 +50,7 @@ METHODS = (
     "hf-batched",
     "engine-plain",
     "verifier-coral",
-    "verifier-coral-budget",
+    "verifier-coral-switch",
     "verifier-coral-pipelined",
     "stack-coral",
 )
@@ -202,7 +202,7 @@ def _verifier_coral(cfg, prompts, method: str) -> dict:
     from coralline.rpc.process import ServerProcess
 
     pipelined = method == "verifier-coral-pipelined"
-    speculation = "budget" if method == "verifier-coral-budget" else "adaptive"
+    speculation = "adaptive" if method == "verifier-coral-switch" else "budget"
     log_dir = Path(tempfile.mkdtemp(prefix="coralline-load-bench-"))
     dargs = ["--model", cfg.model, "--metrics-port", "0", *(["--pipeline"] if pipelined else [])]
     if cfg.checkpoint:

@@ -69,8 +69,8 @@ class ReliabilityConfig:
     @classmethod
     def quick(cls, **kw) -> ReliabilityConfig:
         """The CI subset: every stage, smaller and shorter."""
-        base = {"fuzz_messages": 200, "fault_clients": 2, "fault_window_s": 4.0,
-                "soak_clients": 4, "soak_s": 15.0, "max_new_tokens": 12}  # fmt: skip
+        base = {"fuzz_messages": 100, "fault_clients": 2, "fault_window_s": 3.0,
+                "soak_clients": 4, "soak_s": 8.0, "max_new_tokens": 12}  # fmt: skip
         base.update(kw)
         return cls(**base)
 

@@ -305,8 +305,13 @@ class FuzzDrafter(drafter_pb2_grpc.DrafterServiceServicer):
                 rnd = msg.commit.round
             else:
                 return
+            resp = bad_proposal(self.rng, ctx[-1] if ctx else 0, rnd, self.vocab)
             self.sent += 1
-            yield bad_proposal(self.rng, ctx[-1] if ctx else 0, rnd, self.vocab)
+            yield resp
+            while resp.proposal.round < rnd:  # a stale one is skipped: then one for the round
+                resp = bad_proposal(self.rng, ctx[-1] if ctx else 0, rnd, self.vocab)
+                self.sent += 1
+                yield resp
 
     async def Info(self, request, context):
         return drafter_pb2.DrafterInfo(drafters=["coral"], default_drafter="coral")
@@ -497,30 +502,26 @@ def run_drafter_api(
     return tally
 
 
-def _drafter_sessions(channel, wait_s: float = 10.0) -> int:
-    """Active drafter sessions, after waiting up to wait_s for the ended streams to close."""
+def _active(channel, method: str, request, reply, wait_s: float) -> int:
+    """A worker's active sessions (its Info), after waiting up to wait_s for ended calls to
+    free theirs."""
     deadline = time.monotonic() + wait_s
     while True:
-        raw = channel.unary_unary("/coralline.v1.DrafterService/Info")(
-            drafter_pb2.DrafterInfoRequest().SerializeToString(), timeout=10
-        )
-        n = drafter_pb2.DrafterInfo.FromString(raw).active_sessions
+        raw = channel.unary_unary(method)(request.SerializeToString(), timeout=10)
+        n = reply.FromString(raw).active_sessions
         if n == 0 or time.monotonic() > deadline:
             return n
         time.sleep(0.1)
+
+
+def _drafter_sessions(channel, wait_s: float = 10.0) -> int:
+    request, reply = drafter_pb2.DrafterInfoRequest(), drafter_pb2.DrafterInfo
+    return _active(channel, "/coralline.v1.DrafterService/Info", request, reply, wait_s)
 
 
 def verifier_sessions(channel, wait_s: float = 10.0) -> int:
-    """Active verifier sessions, after waiting up to wait_s for ended calls to free theirs."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        raw = channel.unary_unary("/coralline.v1.VerifierService/Info")(
-            verifier_pb2.VerifierInfoRequest().SerializeToString(), timeout=10
-        )
-        n = verifier_pb2.VerifierInfo.FromString(raw).active_sessions
-        if n == 0 or time.monotonic() > deadline:
-            return n
-        time.sleep(0.1)
+    request, reply = verifier_pb2.VerifierInfoRequest(), verifier_pb2.VerifierInfo
+    return _active(channel, "/coralline.v1.VerifierService/Info", request, reply, wait_s)
 
 
 def run_proposals(

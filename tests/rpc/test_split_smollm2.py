@@ -112,8 +112,10 @@ def test_bad_requests_leave_the_processes_serving(split):
         client.generate("   ")
     with pytest.raises(InvalidArgument, match="temperature"):
         client.generate("hi", temperature=-0.5)
-    with pytest.raises(InvalidArgument, match="context window"):
+    with pytest.raises(InvalidArgument, match=r"at most 4096 \(max_new_tokens\)"):
         client.generate("hi", max_new_tokens=100_000)
+    with pytest.raises(InvalidArgument, match="context window"):  # 8192 for SmolLM2
+        client.generate("hi " * 5000, max_new_tokens=4000)
     with pytest.raises(NotFound, match="unknown drafter"):
         client.generate("hi", drafter="coral-xl")
     with pytest.raises(NotFound):

@@ -120,15 +120,14 @@ class SpeculationSwitch:
         )
         if tau is None or period is None or d is None or fwd is None:
             return None
-        plain_fwd = self.slowdown() * self.policy.cost(sessions)
+        c = self.slowdown()
+        plain_fwd = c * self.policy.cost(sessions)
         p, pf = self.plain_period.value, self.plain_forward.value
         if self.speculating or p is None or pf is None:
             spec_ms = period
             plain_ms = max(period - d - fwd + plain_fwd, plain_fwd)
         else:  # the speculative forward as the table has it now (the load may have changed)
-            spec_fwd = self.slowdown() * self.policy.cost(
-                max(1, round(sessions * self.nodes.value))
-            )
+            spec_fwd = c * self.policy.cost(max(1, round(sessions * self.nodes.value)))
             spec_ms, plain_ms = max(p - pf + d + spec_fwd, d + spec_fwd), p
         return tau / max(spec_ms, 1e-6), 1.0 / max(plain_ms, 1e-6)
 

@@ -405,13 +405,13 @@ def _call(channel, method: str, data: bytes, streaming: bool, timeout: float, me
     fn = (channel.unary_stream if streaming else channel.unary_unary)(method)
     try:
         if streaming:
-            n = sum(1 for _ in fn(data, timeout=timeout, metadata=metadata))
-            return "OK", "", n
-        fn(data, timeout=timeout, metadata=metadata)
-        return "OK", "", 1
+            for _ in fn(data, timeout=timeout, metadata=metadata):
+                pass
+        else:
+            fn(data, timeout=timeout, metadata=metadata)
+        return "OK", ""
     except grpc.RpcError as e:
-        code, details = _status(e)
-        return code, details, 0
+        return _status(e)
 
 
 def healthy(channel) -> bool:
@@ -443,7 +443,7 @@ def run_unary_api(
     def one(i: int) -> None:
         method, data = make(rngs[i])
         streaming = method.endswith("/Generate")
-        code, details, _ = _call(channel, method, data, streaming, timeout, metadata)
+        code, details = _call(channel, method, data, streaming, timeout, metadata)
         tally.record(code, details, f"case {i} {method.rsplit('/', 1)[1]}")
         if progress is not None:
             progress(1)

@@ -289,42 +289,42 @@ class RouterCore:
             while True:
                 workers = await self.pool.workers()
                 try:
-                    try:
-                        p = place(
-                            workers,
-                            Request(turn.sid, turn.drafter, holder=turn.record.holder),
-                            exclude | busy,
-                            cfg.retry_after_s,
-                        )
-                        break
-                    except NoWorkers as e:
-                        if not busy:
-                            raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-                        busy.clear()  # full a moment ago: wait for room as for any full one
-                        raise NoCapacity(
-                            f"every verifier refused the session as full; retry in "
-                            f"{cfg.retry_after_s:g} s",
-                            cfg.retry_after_s,
-                        ) from None
+                    p = place(
+                        workers,
+                        Request(turn.sid, turn.drafter, holder=turn.record.holder),
+                        exclude | busy,
+                        cfg.retry_after_s,
+                    )
+                    break
+                except NoWorkers as e:
+                    if not busy:
+                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+                    busy.clear()  # full a moment ago: wait for room as for any full one
+                    full = NoCapacity(
+                        f"every verifier refused the session as full; retry in "
+                        f"{cfg.retry_after_s:g} s",
+                        cfg.retry_after_s,
+                    )
                 except NoCapacity as e:
-                    if deadline is None:
-                        if self.queued >= cfg.max_queued or cfg.queue_timeout_s <= 0:
-                            raise exhausted(
-                                f"{e}; the admission queue is full ({self.queued} waiting)",
-                                e.retry_after_s,
-                            ) from None
-                        deadline, queued = loop.time() + cfg.queue_timeout_s, True
-                        self.queued += 1
-                    left = deadline - loop.time()
-                    request_left = self._time_left(turn)
-                    if request_left is not None:
-                        left = min(left, request_left)
-                    if left <= 0:
+                    full = e
+                if deadline is None:
+                    if self.queued >= cfg.max_queued or cfg.queue_timeout_s <= 0:
                         raise exhausted(
-                            f"{e} (waited {cfg.queue_timeout_s:g} s in the admission queue)",
-                            e.retry_after_s,
-                        ) from None
-                    await asyncio.sleep(min(max(cfg.refresh_s, 0.05), left))
+                            f"{full}; the admission queue is full ({self.queued} waiting)",
+                            full.retry_after_s,
+                        )
+                    deadline, queued = loop.time() + cfg.queue_timeout_s, True
+                    self.queued += 1
+                left = deadline - loop.time()
+                request_left = self._time_left(turn)
+                if request_left is not None:
+                    left = min(left, request_left)
+                if left <= 0:
+                    raise exhausted(
+                        f"{full} (waited {cfg.queue_timeout_s:g} s in the admission queue)",
+                        full.retry_after_s,
+                    )
+                await asyncio.sleep(min(max(cfg.refresh_s, 0.05), left))
         finally:
             if queued:
                 self.queued -= 1

@@ -85,10 +85,8 @@ class StackConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not 0 <= self.dashboard_port < 65536:
             raise ValueError(f"dashboard_port must be in [0, 65535], got {self.dashboard_port}")
-        self.router_config_for((), ())  # unknown or bad router options fail here
-        if self.tls_dir is not None:
-            TlsConfig.from_dir(self.tls_dir, "server")  # the files exist and are PEM, or it
-            # says which does not
+        # unknown or bad router options fail here, and TLS files that are missing or not PEM
+        self.router_config_for((), ())
 
     def router_config_for(self, verifiers: tuple[str, ...], drafters: tuple[str, ...]):
         """The router replicas' RouterConfig for these workers (with router_options)."""

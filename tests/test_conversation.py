@@ -4,7 +4,7 @@ template of the whole conversation, tokenized at once."""
 import pytest
 
 from coralline import models
-from coralline.conversation import next_turn_ids
+from coralline.conversation import chat_ids, next_turn_ids, prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,27 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
 
     with pytest.raises(ValueError, match="rewrites earlier turns"):
         next_turn_ids(Rewriting(), [1, 2], "hi", [2])
+
+
+def test_chat_ids_render_a_whole_conversation(tok):
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    got = chat_ids(tok, [(m["role"], m["content"]) for m in convo])
+    assert got == _template(tok, convo)
+    # developer is OpenAI's newer name for system
+    dev = chat_ids(tok, [("developer", "Be brief."), ("user", "Hi")])
+    assert dev == _template(tok, [convo[0], convo[1]])
+    assert chat_ids(tok, [("user", "Hi")]) == prompt_ids(tok, "Hi")  # the one-message form
+    for messages, match in [
+        ([], "empty"),
+        ([("tool", "x"), ("user", "Hi")], "role is 'tool'"),
+        ([("user", "Hi"), ("assistant", "Hello")], "last message"),
+        ([("user", "  ")], "last message"),
+        ([("user", 5)], "text"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            chat_ids(tok, messages)

@@ -256,6 +256,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir,
         api_tokens=_tokens(args),
         router_options=tuple(_key_value(o) for o in args.router_option or ()),
+        http_port=None if args.http_port == -1 else args.http_port,
     )
     return run(config, ready=lambda line: print(line, flush=True))
 
@@ -783,7 +784,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the public Generation port (loopback); Ctrl-C stops everything",
     )
     sv.add_argument("--port", type=int, default=50051, help="public port (0 = any free one)")
-    sv.add_argument("--host", default="127.0.0.1", help="public bind address (front ingress)")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="public bind address of the gRPC and HTTP APIs"
+    )
+    sv.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models; docs/openai.md) on --host (0 = a free port, -1 = off)",
+    )
     sv.add_argument("--drafters", type=int, default=1, help="drafter processes (0 = plain)")
     sv.add_argument("--verifiers", type=int, default=1, help="verifier processes")
     sv.add_argument(

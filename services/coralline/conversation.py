@@ -12,6 +12,9 @@ message (with the generation prompt); the text after SENTINEL in the second is w
 assistant turn. When the history ends with an end-of-turn token (the generation stopped at EOS)
 whose text starts that suffix, the template's own copy is dropped.
 
+`chat_ids` renders a whole conversation given as messages (the OpenAI `messages`, the proto's
+`ChatMessages`) with the template, for a first request.
+
 Knows nothing about models or services; it uses a Hugging Face tokenizer only.
 """
 
@@ -28,13 +31,51 @@ def prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the prompt is empty")
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        return _templated(tokenizer, [{"role": "user", "content": text}])
     return _ids(tokenizer(text))
+
+
+ROLES = ("system", "user", "assistant")  # what a conversation given as messages may hold
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
+
+
+def chat_ids(tokenizer, messages: Iterable[tuple[str, str]]) -> list[int]:
+    """Token ids of a whole conversation [(role, content), ...]: the tokenizer's chat template
+    with the generation prompt. The last message must be a non-empty user message; roles are
+    system, user, assistant (developer is read as system)."""
+    turns = []
+    for i, (role, content) in enumerate(messages):
+        role = ROLE_ALIASES.get(role, role)
+        if role not in ROLES:
+            raise ValueError(
+                f"messages[{i}].role is {role!r}: coralline takes system, user, assistant "
+                "(or developer) messages"
+            )
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be text")
+        turns.append({"role": role, "content": content})
+    if not turns:
+        raise ValueError("the prompt is empty: messages has no message")
+    if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise ValueError("the last message must be a non-empty user message")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template: send the prompt as text or ids")
+    return _templated(tokenizer, turns)
+
+
+def messages_ids(tokenizer, request, history: list[int] | None) -> list[int]:
+    """The prompt ids of a GenerateRequest whose prompt is `messages` (a first request only:
+    a continued conversation sends its next turn as text or ids)."""
+    if history is not None:
+        raise ValueError("continue_session takes the next turn as text or token_ids, not messages")
+    return chat_ids(tokenizer, ((m.role, m.content) for m in request.messages.messages))
+
+
+def _templated(tokenizer, turns: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
 
 
 def next_turn_ids(

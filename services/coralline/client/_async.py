@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -94,7 +94,7 @@ class AsyncClient:
     # ------------------------------------------------------------------ generation
     async def generate(
         self,
-        prompt: str | None = None,
+        prompt: str | Sequence[Mapping[str, str]] | None = None,
         *,
         token_ids: Sequence[int] | None = None,
         chat_template: bool = True,
@@ -126,7 +126,7 @@ class AsyncClient:
 
     def stream(
         self,
-        prompt: str | None = None,
+        prompt: str | Sequence[Mapping[str, str]] | None = None,
         *,
         token_ids: Sequence[int] | None = None,
         chat_template: bool = True,

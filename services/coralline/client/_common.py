@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,7 +163,7 @@ def retry_wait(
 
 # ---------------------------------------------------------------------- requests
 def build_request(
-    prompt: str | None,
+    prompt: str | Sequence[Mapping[str, str]] | None,
     token_ids: Sequence[int] | None,
     chat_template: bool,
     max_new_tokens: int | None,
@@ -190,10 +190,16 @@ def build_request(
     if isinstance(stop, str):
         raise TypeError(f"stop must be a list of strings, not a string: use stop=[{stop!r}]")
     req = generation_pb2.GenerateRequest()
-    if prompt is not None:
+    if isinstance(prompt, list | tuple):  # a conversation: [{"role": ..., "content": ...}]
+        for i, m in enumerate(prompt):
+            if not isinstance(m, Mapping) or not {"role", "content"} <= set(m):
+                raise TypeError(f"prompt[{i}] must be a mapping with 'role' and 'content'")
+            req.messages.messages.add(role=str(m["role"]), content=str(m["content"]))
+    elif prompt is not None:
         if not isinstance(prompt, str):
             raise TypeError(
-                f"prompt must be a str, got {type(prompt).__name__}; pass ids as token_ids=[...]"
+                f"prompt must be a str or a list of messages, got {type(prompt).__name__}; "
+                "pass ids as token_ids=[...]"
             )
         req.text = prompt
         req.chat_template = bool(chat_template)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -93,7 +93,7 @@ class Client:
     # ------------------------------------------------------------------ generation
     def generate(
         self,
-        prompt: str | None = None,
+        prompt: str | Sequence[Mapping[str, str]] | None = None,
         *,
         token_ids: Sequence[int] | None = None,
         chat_template: bool = True,
@@ -111,14 +111,16 @@ class Client:
     ) -> GenerationResult:
         """Generate from a text prompt or token ids and return the whole result.
 
-        Exactly one of `prompt` and `token_ids` (ValueError otherwise). `chat_template` applies
-        to text prompts only. Unset optional arguments leave the server's defaults (top_p 1,
-        a fresh seed reported in the summary, max_new_tokens 256, the default drafter and
-        verifier, a server-made session id). `continue_session=True` with the `session_id` of a
-        finished session continues that conversation: `prompt` is the next user message (or
-        `token_ids` the ids appended); the server holding the conversation's KV cache prefills
-        only the new tokens (`summary.cached_prompt_tokens`). Raises a CorallineError subclass
-        on failure.
+        Exactly one of `prompt` and `token_ids` (ValueError otherwise). `prompt` is text, or
+        a whole conversation as messages ([{"role": "system" | "user" | "assistant",
+        "content": ...}], the last a user message; rendered with the target's chat template).
+        `chat_template` applies to text prompts only. Unset optional arguments leave the
+        server's defaults (top_p 1, a fresh seed reported in the summary, max_new_tokens 256,
+        the default drafter and verifier, a server-made session id). `continue_session=True`
+        with the `session_id` of a finished session continues that conversation: `prompt` is
+        the next user message (or `token_ids` the ids appended); the server holding the
+        conversation's KV cache prefills only the new tokens (`summary.cached_prompt_tokens`).
+        Raises a CorallineError subclass on failure.
         """
         request = _common.build_request(
             prompt, token_ids, chat_template, max_new_tokens, temperature, top_k, top_p, seed,
@@ -131,7 +133,7 @@ class Client:
 
     def stream(
         self,
-        prompt: str | None = None,
+        prompt: str | Sequence[Mapping[str, str]] | None = None,
         *,
         token_ids: Sequence[int] | None = None,
         chat_template: bool = True,

@@ -131,6 +131,10 @@ class RouterReplica:
             raise
         return generation_pb2.CancelSessionResponse(cancelled=cancelled)
 
+    async def status(self) -> dict:
+        """RouterCore.status (the HTTP API's /health)."""
+        return await self.core.status()
+
     async def check_health(self) -> None:
         pass
 

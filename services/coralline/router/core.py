@@ -33,10 +33,18 @@ from dataclasses import dataclass
 import grpc
 
 from coralline.router.discovery import StaticDiscovery
-from coralline.router.placement import NoCapacity, NoWorkers, Placement, Request, place
+from coralline.router.placement import (
+    DRAFTER,
+    VERIFIER,
+    NoCapacity,
+    NoWorkers,
+    Placement,
+    Request,
+    place,
+)
 from coralline.router.workers import WorkerPool
 from coralline.rpc import codec
-from coralline.rpc.errors import ServiceError, exhausted, not_found
+from coralline.rpc.errors import PromptTooLong, ServiceError, exhausted, not_found
 from coralline.rpc.protos import common_pb2, generation_pb2, verifier_pb2
 from coralline.rpc.security import TlsConfig
 from coralline.sampling import fresh_seed
@@ -193,9 +201,11 @@ class RouterCore:
 
     # ------------------------------------------------------------------ requests
     def _prompt(self, request, history: list[int] | None) -> list[int]:
-        from coralline.conversation import next_turn_ids, prompt_ids
+        from coralline.conversation import messages_ids, next_turn_ids, prompt_ids
 
         kind = request.WhichOneof("prompt")
+        if kind == "messages":
+            return messages_ids(self.tokenizer, request, history)
         if kind == "text":
             chat = request.chat_template if request.HasField("chat_template") else True
             if history is not None:
@@ -206,12 +216,12 @@ class RouterCore:
             if not ids:
                 raise ValueError("the prompt is empty")
             return (history or []) + ids
-        raise ValueError("the request has no prompt: set text or token_ids")
+        raise ValueError("the request has no prompt: set text, token_ids or messages")
 
     def _check_prompt(self, prompt: list[int]) -> list[int]:
         limit = self.config.max_prompt_tokens
         if limit and len(prompt) > limit:
-            raise ValueError(
+            raise PromptTooLong(
                 f"the prompt has {len(prompt)} tokens (a conversation's history included); this "
                 f"router accepts at most {limit} (max_prompt_tokens)"
             )
@@ -602,6 +612,20 @@ class RouterCore:
             except grpc.aio.AioRpcError as e:  # not placed yet, or gone: the flag stops it
                 log.info("cancel %s at %s: %s", session_id, rec.placement, e.code().name)
         return True
+
+    async def status(self) -> dict:
+        """What the router sees: the verifiers and drafters up (healthy) and known, the
+        sessions the verifiers hold and can hold, requests in the admission queue."""
+        workers = await self.pool.workers()
+        out: dict = {"queued": self.queued, "model": self.config.model}
+        for kind in (VERIFIER, DRAFTER):
+            up = [w for w in workers if w.kind == kind and w.healthy]
+            out[f"{kind}s_up"] = len(up)
+            out[f"{kind}s_known"] = sum(w.kind == kind for w in workers)
+            if kind == VERIFIER:
+                out["sessions"] = sum(w.active for w in up)
+                out["capacity"] = sum(w.capacity for w in up)
+        return out
 
     async def close(self) -> None:
         await self.pool.close()

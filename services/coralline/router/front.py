@@ -17,6 +17,7 @@ Knows nothing about routing: it forwards requests to the deployment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -60,13 +61,21 @@ class FrontServicer(generation_pb2_grpc.GenerationServicer):
         self.running = 0
 
     async def Generate(self, request, context):
+        # the client's trace context (if any) goes to the replica, which opens the spans
+        parent = carrier_of_metadata(context.invocation_metadata()) or None
+        async with contextlib.aclosing(self.stream(request, parent)) as responses:
+            async for response in responses:
+                yield response
+
+    async def stream(self, request, parent: dict | None = None):
+        """The deployment's responses to one Generate request (named here when it has no
+        session id), with the replica's errors unwrapped; a caller that stops listening
+        (cancellation, a closed generator) cancels the session. The HTTP API shares it."""
         if not request.session_id:
             named = generation_pb2.GenerateRequest()
             named.CopyFrom(request)
             named.session_id = uuid.uuid4().hex
             request = named
-        # the client's trace context (if any) goes to the replica, which opens the spans
-        parent = carrier_of_metadata(context.invocation_metadata()) or None
         responses = self._stream.Generate.remote(request, trace_context=parent)
         done, outcome, failovers = False, "cancelled", 0
         t0 = last = time.perf_counter()
@@ -96,7 +105,7 @@ class FrontServicer(generation_pb2_grpc.GenerationServicer):
             self.running -= 1
             if self.metrics is not None:
                 self.metrics.request_done(outcome, time.perf_counter() - t0, failovers)
-            if not done:  # the client went away (or the server stops): stop the session
+            if not done:  # the caller went away (or the server stops): stop the session
                 responses.cancel()
                 task = asyncio.get_running_loop().create_task(self._cancel(request.session_id))
                 self._cancels.add(task)

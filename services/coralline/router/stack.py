@@ -31,6 +31,7 @@ from coralline.router.app import (
     loopback_ray_env,
 )
 from coralline.router.core import RouterConfig
+from coralline.router.http import HttpConfig, HttpServer
 from coralline.rpc.process import ServerProcess
 from coralline.rpc.security import TlsConfig
 from coralline.rpc.server import ServerOptions
@@ -69,6 +70,8 @@ class StackConfig:
     # --max-prompt-tokens, --max-new-tokens, ...)
     router_options: tuple[tuple[str, object], ...] = ()  # RouterConfig fields to set (limits:
     # max_prompt_tokens, max_new_tokens, max_request_s, max_queued, queue_timeout_s, ...)
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API on `host` (0 = a free
+    # port, None = off); served by the front ingress only
 
     def __post_init__(self) -> None:
         if self.ingress not in INGRESSES:
@@ -83,6 +86,8 @@ class StackConfig:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if not 0 <= self.dashboard_port < 65536:
             raise ValueError(f"dashboard_port must be in [0, 65535], got {self.dashboard_port}")
         # unknown or bad router options fail here, and TLS files that are missing or not PEM
@@ -141,6 +146,8 @@ class Stack:
         self.receiver = None  # the OTLP receiver the services export to
         self.live = None  # the live view's HTTP server
         self._servicer = None  # the front's servicer (its RouterMetrics)
+        self._http = None  # the OpenAI-compatible HTTP API (router/http.py)
+        self.http_url = ""  # its base URL (".../v1"), when served
 
     # ------------------------------------------------------------------ telemetry
     def start_telemetry(self) -> None:
@@ -309,6 +316,16 @@ class Stack:
             self._start_front(handle)
         return self.address
 
+    def http_config(self) -> HttpConfig:
+        cfg = self.config
+        return HttpConfig(
+            host=cfg.host,
+            port=cfg.http_port or 0,
+            models=(cfg.model,),
+            api_tokens=cfg.api_tokens,
+            tls=cfg.public_tls,
+        )
+
     def _start_front(self, handle) -> None:
         """The grpc.aio front on its own event-loop thread."""
         import asyncio
@@ -332,6 +349,9 @@ class Stack:
                     metrics=self.config.telemetry,
                 )
                 self.address = self._front.address
+                if self.config.http_port is not None:
+                    self._http = HttpServer(self.http_config(), self._servicer, handle)
+                    self.http_url = await self._http.start()
             except BaseException as e:
                 failure.append(e)
             ready.set()
@@ -372,6 +392,13 @@ class Stack:
         """The front, Serve and Ray (the workers keep running: start_router() again)."""
         import asyncio
 
+        if self._http is not None and self._loop is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._http.stop(), self._loop)
+            try:
+                fut.result(15)
+            except Exception as e:
+                log.warning("HTTP API stop: %s", e)
+            self._http, self.http_url = None, ""
         if self._front is not None and self._loop is not None:
             fut = asyncio.run_coroutine_threadsafe(self._front.stop(), self._loop)
             try:
@@ -395,6 +422,10 @@ class Stack:
     def describe(self) -> list[str]:
         cfg = self.config
         lines = [f"coralline serve listening on {self.address} ({self.ingress} ingress)"]
+        if self.http_url:
+            lines.append(f"  OpenAI-compatible HTTP API {self.http_url}")
+        elif cfg.http_port is not None and self.ingress == "proxy":
+            lines.append("  no HTTP API: the proxy ingress serves gRPC only (use the front)")
         if cfg.tls_dir:
             lines.append(
                 f"  TLS on the public port (clients: ca {cfg.tls_dir}/ca.pem); mutual TLS "

@@ -42,6 +42,11 @@ class ServiceError(Exception):
         return ((RETRY_AFTER_KEY, ms), (PUSHBACK_KEY, ms))
 
 
+class PromptTooLong(ValueError):
+    """A prompt over a token limit (INVALID_ARGUMENT, as any bad input): its own type so the
+    HTTP API can name it (`context_length_exceeded`)."""
+
+
 def not_found(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, message)
 

@@ -39,12 +39,12 @@ import coralline
 from coralline.batching.costs import LoadPolicy, load_or_measure
 from coralline.batching.scheduler import BatchConfig, pooled
 from coralline.batching.switch import SpeculationSwitch
-from coralline.conversation import next_turn_ids
+from coralline.conversation import messages_ids, next_turn_ids
 from coralline.draft.registry import DRAFTERS
 from coralline.engine import Chunk, Engine, EngineConfig
 from coralline.router.placement import VERIFIER
 from coralline.rpc import codec
-from coralline.rpc.errors import ServiceError, exhausted, not_found
+from coralline.rpc.errors import PromptTooLong, ServiceError, exhausted, not_found
 from coralline.rpc.protos import (
     common_pb2,
     generation_pb2,
@@ -319,7 +319,7 @@ class VerifierCore:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the verifier is shutting down")
         # an empty prompt or ids outside the vocabulary: Engine.generate below says so
         if cfg.max_prompt_tokens and len(prompt) > cfg.max_prompt_tokens:
-            raise ValueError(
+            raise PromptTooLong(
                 f"the prompt has {len(prompt)} tokens; this verifier accepts at most "
                 f"{cfg.max_prompt_tokens} (max_prompt_tokens)"
             )
@@ -671,8 +671,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
         elif kind == "token_ids":
             prompt = (history or []) + [int(t) for t in request.token_ids.ids]
+        elif kind == "messages":
+            prompt = messages_ids(self.core.target.tokenizer, request, history)
         else:
-            raise ValueError("the request has no prompt: set text or token_ids")
+            raise ValueError("the request has no prompt: set text, token_ids or messages")
         params = _params(request)
         # this service's own sessions keep their KV cache (bounded LRU) for a next turn
         async for step in self.core.run(

@@ -50,7 +50,7 @@ def run_stack(prompt: str | None, max_new_tokens: int, drafter: str | None) -> N
     drafter = drafter or "coral"
     print("starting the stack: 1 drafter, 1 verifier, the Ray Serve router (loopback)...")
     t0 = time.perf_counter()
-    stack = Stack(StackConfig(port=0, dashboard_port=0))
+    stack = Stack(StackConfig(port=0, http_port=0, dashboard_port=0))
     stack.start()
     try:
         print(f"stack up in {time.perf_counter() - t0:.1f} s")

@@ -55,6 +55,7 @@ def stack(redis_server, tmp_path_factory):
     st = Stack(
         StackConfig(
             port=0,
+            http_port=0,
             drafters=2,
             verifiers=3,
             redis=redis_server.url,

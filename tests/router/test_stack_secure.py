@@ -22,6 +22,7 @@ def secure_stack(tmp_path_factory):
     stack = Stack(
         StackConfig(
             port=0,
+            http_port=0,
             drafters=1,
             verifiers=1,
             log_dir=str(tmp_path_factory.mktemp("secure-logs")),
@@ -65,3 +66,32 @@ def test_a_secured_stack_serves_only_authenticated_tls_clients(secure_stack, smo
     with ch, pytest.raises(grpc.RpcError):
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert any("TLS on the public port" in line for line in stack.describe())
+
+
+@pytest.mark.slow
+def test_the_http_api_is_https_with_the_same_tokens(secure_stack, smollm2):
+    """The OpenAI-compatible API of the same stack: HTTPS with the service certificate, the
+    same bearer tokens on /v1/*, /health open; the greedy text equals the gRPC SDK's."""
+    import httpx2
+    import openai
+
+    stack, certs = secure_stack
+    ca = str(certs / "ca.pem")
+    assert stack.http_url.startswith("https://127.0.0.1:")
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    with Client(stack.address, token=TOKEN, root_certificates=open(ca, "rb").read()) as c:
+        want = c.generate(messages, max_new_tokens=16).text
+    http = httpx2.Client(verify=ca)
+    client = openai.OpenAI(base_url=stack.http_url, api_key=TOKEN, http_client=http)
+    r = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=messages, temperature=0, max_tokens=16
+    )
+    assert r.choices[0].message.content == want
+    for key in ("wrong-" + TOKEN, ""):
+        bad = openai.OpenAI(base_url=stack.http_url, api_key=key or "x", http_client=http)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.body["code"] == "invalid_api_key"
+    assert http.get(stack.http_url.removesuffix("/v1") + "/health").status_code == 200
+    with pytest.raises(httpx2.ConnectError):  # the certificate is checked: no CA, no talk
+        httpx2.get(stack.http_url + "/models", headers={"authorization": f"Bearer {TOKEN}"})

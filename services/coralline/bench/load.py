@@ -281,6 +281,7 @@ def _stack_coral(cfg, prompts) -> dict:
     stack = Stack(
         StackConfig(
             port=0,
+            http_port=0,
             model=cfg.model,
             draft_checkpoint=cfg.checkpoint,
             max_sessions=max(16, max(cfg.concurrency)),

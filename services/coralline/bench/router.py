@@ -584,6 +584,7 @@ def run(cfg: RouterBenchConfig, command: str = "") -> dict:
     stack = Stack(
         StackConfig(
             port=0,
+            http_port=0,
             model=cfg.model,
             draft_checkpoint=cfg.checkpoint,
             log_dir=str(log_dir),

@@ -258,6 +258,7 @@ class Harness:
         self.stack = Stack(
             StackConfig(
                 port=0,
+                http_port=0,
                 drafters=2,
                 verifiers=2,
                 redis=self.redis.url,

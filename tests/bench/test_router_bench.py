@@ -114,3 +114,19 @@ def test_quick_router_bench_end_to_end(tmp_path):
                     assert t["cleanup"] and t["cleanup"]["freed_ms"] is not None
     assert "front" in rep["cancellation_evidence"] and "proxy" in rep["cancellation_evidence"]
     assert Path(out).stat().st_size < 200_000
+
+    # the HTTP API against the gRPC API through the same front
+    h = rep["http"]
+    assert h["identical_text"] == [True, True] and h["usage_equals_grpc_tokens"] == [True, True]
+    for path in ("grpc", "http"):
+        s = h["paths"][path]
+        assert s["generations"] == 2 and s["tokens"] > 0 and s["tokens_per_second"] > 0
+        assert s["first_chunk_ms"]["p50"] > 0
+    assert h["paths"]["http"]["tokens"] == h["paths"]["grpc"]["tokens"]
+    assert h["ms_per_token_ratio"] > 0 and h["first_chunk_p50_ratio"] > 0
+    d = h["disconnect"]
+    assert d["trials"] == len(d["per_trial"]) == 2
+    for t in d["per_trial"]:
+        assert t["session_id"] and t["running_at_disconnect"]
+        assert t["freed"] == (t["freed_ms"] is not None)
+    assert "HTTP API against the gRPC API" in text

@@ -23,8 +23,11 @@ Measured:
      Info is polled every 20 ms until the session is gone (freed) or `free_timeout_s` passed
      (then it is stopped with CancelSession so the next trial starts clean). The floor: the
      verifier's own client cancelling its call (the round in flight finishes first).
+  5. the OpenAI-compatible HTTP API against the gRPC API through the front (bench/http_api.py):
+     tokens/s, ms/token and time to the first chunk interleaved on the same prompts, identical
+     text, and how fast a client disconnecting mid-stream frees its session.
 What it does not measure: several verifiers or router replicas, Redis, failover, networks other
-than loopback, the HTTP API, sampling at T > 0. On 2 cores the router's own processes (Ray's
+than loopback, sampling at T > 0. On 2 cores the router's own processes (Ray's
 GCS, raylet, Serve controller, replica, proxy) compete with the workers for the CPU in BOTH
 paths of a phase: the overhead figure includes that contention only where it differs. Serve's
 proxy binds [::] (hard-coded in Ray), the front and the workers 127.0.0.1.
@@ -573,6 +576,7 @@ def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 def run(cfg: RouterBenchConfig, command: str = "") -> dict:
     from coralline import models
+    from coralline.bench import http_api
     from coralline.bench.pipeline import _prompts
     from coralline.client import Client
     from coralline.draft.registry import shipped_head
@@ -596,6 +600,7 @@ def run(cfg: RouterBenchConfig, command: str = "") -> dict:
     overhead: dict[str, dict] = {}
     cancellation: dict[str, dict] = {}
     levels: list[dict] = []
+    http: dict = {}
     ttft_direct: list[float] = []
     notes: list[str] = []
     try:
@@ -633,6 +638,10 @@ def run(cfg: RouterBenchConfig, command: str = "") -> dict:
                     )
                     # the floor of the cancellation step: the verifier's own client goes away
                     cancellation["direct"] = _cancellation(cfg, "direct", None, direct, cancel_ids)
+                    http = http_api.compare(cfg, stack.http_url, client, tokenizer, encoded, _log)
+                    http["disconnect"] = http_api.disconnect_trials(
+                        cfg, stack.http_url, direct, cancel_ids, _log
+                    )
                 cancellation[ingress] = _cancellation(cfg, ingress, client, direct, cancel_ids)
             t0 = time.perf_counter()
             stack.stop_router()
@@ -658,6 +667,8 @@ def run(cfg: RouterBenchConfig, command: str = "") -> dict:
     concurrent_same = all(lv["identical_to_sequential"] for lv in levels)
     if not all(per_prompt_same) or not concurrent_same:
         notes.append("outputs DIFFER across paths on some prompt: a bug (greedy must be identical)")
+    if not all(http["identical_text"]) or not all(http["usage_equals_grpc_tokens"]):
+        notes.append("the HTTP API's text or usage DIFFERS from the gRPC API's on some prompt")
     ttft = {
         "direct": _dist_ms(ttft_direct),
         "front": overhead["front"]["paths"]["front"]["first_chunk_ms"],
@@ -738,6 +749,7 @@ def run(cfg: RouterBenchConfig, command: str = "") -> dict:
         "cancellation": cancellation,
         "cancellation_summary": cancel_summary,
         "cancellation_evidence": evidence,
+        "http": http,
         "notes": notes,
     }
 
@@ -748,6 +760,8 @@ def _f(v: float | None, spec: str = ".1f") -> str:
 
 
 def markdown(report: dict, plot: str | None = None) -> str:
+    from coralline.bench import http_api
+
     s, m, t = report["settings"], report["machine"], report["timings"]
     mpt, ttft = report["ms_per_token"], report["first_chunk_ms"]
     direct_later = [
@@ -844,6 +858,7 @@ def markdown(report: dict, plot: str | None = None) -> str:
         "session produced before it ended (a session not freed is then stopped with "
         "CancelSession).",
     ]
+    lines += http_api.markdown_lines(report)
     if report["notes"]:
         lines += ["", "Notes:", *(f"- {n}" for n in report["notes"])]
     if plot:

@@ -2,7 +2,9 @@
 verifier process, the Ray Serve router, the public port on loopback); one prompt is streamed
 through the client SDK with speculation (CORAL drafter), then the same prompt with plain
 decoding through the same stack; their outputs are compared, the round stats and the speedup
-printed; the stack goes down. `--in-process` runs the same comparison in this process without
+printed; the same prompt goes once more through the OpenAI-compatible HTTP API (a streamed
+chat completion, read with the standard library) and must give the same text; the stack goes
+down. `--in-process` runs the same comparison in this process without
 any server (the engine alone).
 
 Knows nothing about the algorithms: it starts things and prints what they report.
@@ -57,7 +59,7 @@ def run_stack(prompt: str | None, max_new_tokens: int, drafter: str | None) -> N
         for line in stack.describe():
             print(line)
         print(f"\nprompt:\n{prompt}\n", flush=True)
-        results = {}
+        results, texts = {}, {}
         modes = (("plain (through the stack)", "none"), (f"speculative ({drafter})", drafter))
         with Client(stack.address) as client:
             for label, name in modes:
@@ -66,6 +68,7 @@ def run_stack(prompt: str | None, max_new_tokens: int, drafter: str | None) -> N
                 ids, rounds, summary = [], [], None
                 for chunk in client.stream(prompt, max_new_tokens=max_new_tokens, drafter=name):
                     print(chunk.text, end="", flush=True)
+                    texts[label] = texts.get(label, "") + chunk.text
                     ids.extend(chunk.token_ids)
                     if chunk.stats is not None:
                         rounds.append(chunk.stats)
@@ -88,9 +91,47 @@ def run_stack(prompt: str | None, max_new_tokens: int, drafter: str | None) -> N
         )
         (plain, _, wp, _), (spec, _, ws, _) = results.values()
         _verdict(plain, spec, wp, ws, "wall time at the client, same stack")
+        _http_chat(stack.http_url, prompt, max_new_tokens, texts[f"speculative ({drafter})"])
     finally:
         print("stopping the stack...", flush=True)
         stack.stop()
+
+
+def _http_chat(base_url: str, prompt: str, max_new_tokens: int, want: str) -> None:
+    """The same prompt as a streamed OpenAI chat completion (what curl or the openai client
+    would send), printed as it arrives; its text must equal the gRPC API's."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_new_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    print(f"--- the OpenAI-compatible HTTP API: POST {base_url}/chat/completions ---", flush=True)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
+    conn.request("POST", url.path + "/chat/completions", json.dumps(body))
+    resp = conn.getresponse()
+    parts, spec = [], {}
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[len("data: ") :])
+        delta = event["choices"][0]["delta"].get("content") if event.get("choices") else None
+        if delta:
+            parts.append(delta)
+            print(delta, end="", flush=True)
+        spec = event.get("spec_decode", spec)
+    conn.close()
+    same = "identical to" if "".join(parts) == want else "DIFFERENT from (a bug: please report it)"
+    print(f"\n\nHTTP text {same} the gRPC API's; spec_decode: {json.dumps(spec)}")
+    if "".join(parts) != want:
+        sys.exit(1)
 
 
 def run_in_process(prompt: str | None, max_new_tokens: int, drafter: str | None) -> None:

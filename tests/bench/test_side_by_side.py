@@ -61,7 +61,7 @@ def test_quick_bench_end_to_end(tmp_path):
         "bench",
         "--quick",
         "--max-new-tokens",
-        "16",
+        "8",
         "--assistant",
         "smollm2-135m-instruct",
         "--out",

@@ -23,7 +23,7 @@ from coralline.sampling import SamplingParams
 from coralline.session import RUNNING
 from coralline.session_redis import RedisSessionStore
 
-from ..redis_servers import OwnRedis
+from ..redis_servers import own_redis
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,8 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = OwnRedis(tmp_path_factory.mktemp("redis-http"), "--appendonly", "no")
-    server.start()
-    yield server
-    server.stop()
+    with own_redis(tmp_path_factory.mktemp("redis-http"), "--appendonly", "no") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

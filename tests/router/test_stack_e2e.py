@@ -2,19 +2,22 @@
 replicas (two, sharing a real Redis) -> verifier processes <-> drafter processes, on SmolLM2.
 
 One stack serves the module (Ray and five workers take ~30 s to start); the tests that kill
-workers run last, in file order. Outputs are compared with the in-process engine (same target,
+workers run last, in file order, followed only by the proxy ingress test (the workers left
+serve it) and the `coralline serve` subprocess test. Outputs are compared with the in-process engine (same target,
 same CORAL head): greedy token-identical, sampled with a seed token-identical too (the coins
 are keyed by the committed length, the drafter is the same head).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -140,25 +143,6 @@ def test_greedy_and_sampled_identical_to_the_engine(stack, engine_ref):
         info = c.get_session(r.session_id)  # through either replica: the record is in Redis
         assert info.state == "finished" and list(info.token_ids) == r.token_ids
         assert info.text == r.text and info.placement in {p.address for p in stack.verifiers}
-
-
-def test_serve_grpc_proxy_path_is_identical(stack, engine_ref):
-    """The same through Ray Serve's own gRPC proxy (then back to the front)."""
-    stack.stop_router()
-    try:
-        stack.start_router("proxy")
-        with Client(stack.address) as c:
-            r = c.generate(PROMPTS[2], max_new_tokens=32)
-            assert r.token_ids == engine_ref(engine_ref.encode(PROMPTS[2]), 32)
-            ids = engine_ref.encode(PROMPTS[3])
-            s = c.generate(token_ids=ids, max_new_tokens=32, temperature=0.7, seed=5)
-            assert s.token_ids == engine_ref(ids, 32, 0.7, 5)
-            with pytest.raises(Exception, match="unknown session"):
-                c.get_session("no-such-session")
-            assert not _non_loopback_listeners()  # Serve's proxy too (a setup hook binds it)
-    finally:
-        stack.stop_router()
-        stack.start_router("front")
 
 
 def test_eight_concurrent_clients(stack, engine_ref):
@@ -339,10 +323,32 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_serve_grpc_proxy_path_is_identical(stack, engine_ref):
+    """The same through Ray Serve's own gRPC proxy. Last of the module's stack (after the
+    kills: the workers left serve it), so the front is not started again."""
+    stack.stop_router()
+    try:
+        stack.start_router("proxy")
+        with Client(stack.address) as c:
+            r = c.generate(PROMPTS[2], max_new_tokens=32)
+            assert r.token_ids == engine_ref(engine_ref.encode(PROMPTS[2]), 32)
+            ids = engine_ref.encode(PROMPTS[3])
+            s = c.generate(token_ids=ids, max_new_tokens=32, temperature=0.7, seed=5)
+            assert s.token_ids == engine_ref(ids, 32, 0.7, 5)
+            with pytest.raises(Exception, match="unknown session"):
+                c.get_session("no-such-session")
+            assert not _non_loopback_listeners()  # Serve's proxy too (a setup hook binds it)
+    finally:
+        stack.stop_router()
+
+
+SERVE_ARGS = ["--port", "0", "--drafters", "0", "--http-port", "0"]
+
+
 def test_coralline_serve_ctrl_c_stops_everything(tmp_path):
     with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coralline.cli", "serve", "--port", "0", "--drafters", "0"],
+            [sys.executable, "-m", "coralline.cli", "serve", *SERVE_ARGS],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -363,6 +369,13 @@ def test_coralline_serve_ctrl_c_stops_everything(tmp_path):
         with Client(address) as c:
             r = c.generate("Say yes.", max_new_tokens=4)
             assert r.summary.drafter == "none" and r.summary.tokens > 0
+        # the HTTP API's base URL is printed beside the gRPC endpoint, and it answers
+        http = [x for x in lines if "OpenAI-compatible HTTP API" in x]
+        assert len(http) == 1, lines
+        base = http[0].split()[-1]
+        assert base.startswith("http://127.0.0.1:") and base.endswith("/v1")
+        with urllib.request.urlopen(base + "/models", timeout=10) as resp:
+            assert json.load(resp)["data"][0]["id"] == "smollm2-135m-instruct"
         started = _descendants(proc.pid)
         assert started, "serve started no processes?"
         proc.send_signal(signal.SIGINT)

@@ -3,9 +3,10 @@ replicas (two, sharing a real Redis) -> verifier processes <-> drafter processes
 
 One stack serves the module (Ray and five workers take ~30 s to start); the tests that kill
 workers run last, in file order, followed only by the proxy ingress test (the workers left
-serve it) and the `coralline serve` subprocess test. Outputs are compared with the in-process engine (same target,
-same CORAL head): greedy token-identical, sampled with a seed token-identical too (the coins
-are keyed by the committed length, the drafter is the same head).
+serve it) and the `coralline serve` subprocess test. Outputs are compared with the in-process
+engine (same target, same CORAL head): greedy token-identical, sampled with a seed
+token-identical too (the coins are keyed by the committed length, the drafter is the same
+head).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from coralline.client import Client
 from coralline.client.errors import Cancelled, Unavailable
 from coralline.rpc.protos import verifier_pb2, verifier_pb2_grpc
 
-from ..redis_servers import OwnRedis
+from ..redis_servers import own_redis
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +45,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = OwnRedis(tmp_path_factory.mktemp("redis-e2e"), "--appendonly", "no")
-    server.start()
-    yield server
-    server.stop()
+    with own_redis(tmp_path_factory.mktemp("redis-e2e"), "--appendonly", "no") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from coralline.verification.traversal import verify_traversal
 from .tiny import perturbed, tiny_llama
 from .verification.test_exact import BonusFromOriginalRow
 
-VOCAB, LENGTH, RUNS = 8, 2, 3000
+VOCAB, LENGTH, RUNS = 8, 2, 2000  # the broken control still fails at p ~ 1e-47
 ALPHA = 1e-3 / 11  # Bonferroni across the 11 positive cases of this file
 PROMPT = [1, 6, 3]
 

@@ -17,7 +17,7 @@ from coralline.target import TargetRunner
 from ..test_engine_lossless import ALPHA, LENGTH, PARAMS, PROMPT, _chi2, _drafter, _exact_law
 from ..test_engine_lossless import models as models
 
-RUNS = 2000  # generations through the shared path (the in-process test runs 3000)
+RUNS = 2000  # generations through the shared path (the in-process test runs 2000)
 
 THREADS = 4
 

@@ -638,7 +638,7 @@ def run(cfg: RouterBenchConfig, command: str = "") -> dict:
                     )
                     # the floor of the cancellation step: the verifier's own client goes away
                     cancellation["direct"] = _cancellation(cfg, "direct", None, direct, cancel_ids)
-                    http = http_api.compare(cfg, stack.http_url, client, tokenizer, encoded, _log)
+                    http = http_api.compare(cfg, stack.http_url, client, encoded, _log)
                     http["disconnect"] = http_api.disconnect_trials(
                         cfg, stack.http_url, direct, cancel_ids, _log
                     )

@@ -379,7 +379,19 @@ def test_bad_argument_types_fail_client_side(fake: ServerThread, client: cc.Clie
         client.generate("hi", stop="\n")
     with pytest.raises(TypeError, match="token_ids"):
         client.generate([1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"prompt\[1\] must be a message"):
+        client.generate([{"role": "user", "content": "hi"}, {"content": "no role"}])
     assert fake.servicer.calls == 0
+
+
+def test_a_conversation_is_sent_as_messages(fake: ServerThread, client: cc.Client) -> None:
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    client.generate(convo, max_new_tokens=2)
+    (req,) = fake.servicer.requests
+    assert req.WhichOneof("prompt") == "messages" and not req.HasField("chat_template")
+    assert [(m.role, m.content) for m in req.messages.messages] == [
+        ("system", "Be brief."), ("user", "hi"),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("code", "cls", "message"), ERRORS)

@@ -87,6 +87,31 @@ def test_split_pipeline_is_token_identical_to_the_engine(split, engine, smollm2,
 
 
 @pytest.mark.slow
+def test_a_conversation_as_messages_is_rendered_by_the_verifier(split, smollm2):
+    """The verifier's own Generation API takes ChatMessages: the same ids as the chat template
+    of the conversation sent as token ids; one user message is the text prompt's template."""
+    from coralline.conversation import chat_ids
+
+    _, _, client = split
+    convo = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What colour is the sky?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And grass?"},
+    ]
+    ids = chat_ids(smollm2.tokenizer, [(m["role"], m["content"]) for m in convo])
+    got = client.generate(convo, max_new_tokens=8)
+    assert got.summary.prompt_tokens == len(ids)
+    assert got.token_ids == client.generate(token_ids=ids, max_new_tokens=8).token_ids
+    one = client.generate([{"role": "user", "content": PROMPTS[0]}], max_new_tokens=8)
+    assert one.token_ids == client.generate(PROMPTS[0], max_new_tokens=8).token_ids
+    with pytest.raises(InvalidArgument, match="last message"):
+        client.generate([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}])
+    with pytest.raises(InvalidArgument, match="not messages"):
+        client.generate(convo, session_id=got.session_id, continue_session=True)
+
+
+@pytest.mark.slow
 def test_cancel_frees_the_session_on_both_services(split):
     drafter, verifier, client = split
     stream = client.stream("Tell me a long story about a lighthouse.", max_new_tokens=400)

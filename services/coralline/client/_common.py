@@ -193,7 +193,10 @@ def build_request(
     if isinstance(prompt, list | tuple):  # a conversation: [{"role": ..., "content": ...}]
         for i, m in enumerate(prompt):
             if not isinstance(m, Mapping) or not {"role", "content"} <= set(m):
-                raise TypeError(f"prompt[{i}] must be a mapping with 'role' and 'content'")
+                raise TypeError(
+                    f"prompt[{i}] must be a message (a mapping with 'role' and 'content'); "
+                    "pass ids as token_ids=[...]"
+                )
             req.messages.messages.add(role=str(m["role"]), content=str(m["content"]))
     elif prompt is not None:
         if not isinstance(prompt, str):

@@ -165,6 +165,11 @@ def test_the_routers_rayservice_points_at_the_proto_services_the_code_serves(ren
         service = m.one(rendered[name], "Service", "router")
         assert service["spec"]["ports"][0]["port"] == port
         assert service["spec"]["ports"][0]["targetPort"] == "serve-grpc"
+        # the OpenAI-compatible HTTP API on Serve's HTTP proxy, on every interface of the pod
+        assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000}
+        http = service["spec"]["ports"][1]
+        assert (http["name"], http["port"], http["targetPort"]) == ("http", 8000, "serve-http")
+        assert application["args"]["http"] == {"models": ["smollm2-135m-instruct"]}
         # the Serve application the operator would deploy is built from these args
         args = application["args"]
         assert app.from_args(args) is not None
@@ -248,6 +253,7 @@ def test_network_policies_allow_only_the_links_of_the_data_flow(rendered):
     assert sources("drafter", "grpc") == {"verifier", "router"}
     assert sources("redis", "redis") == {"router", "verifier"}
     assert sources("router", "serve-grpc") == {"anyone", "router"}
+    assert sources("router", "serve-http") == {"anyone", "router"}
     assert sources("router", "dashboard") == {"anyone", "router"}  # the KubeRay operator
     assert sources("verifier", "metrics") == {"anyone"}
     prod = m.one(rendered["gpu-prod"], "NetworkPolicy", "router")["spec"]["ingress"]

@@ -323,11 +323,36 @@ def _alive(pid: int) -> bool:
 
 
 def test_serve_grpc_proxy_path_is_identical(stack, engine_ref):
-    """The same through Ray Serve's own gRPC proxy. Last of the module's stack (after the
-    kills: the workers left serve it), so the front is not started again."""
+    """The same through Ray Serve's own proxies (what the Kubernetes RayService runs): gRPC
+    through the gRPC proxy, and the OpenAI API through the HTTP proxy, both via the HttpIngress
+    deployment in front of the router. Last of the module's stack (after the kills: the
+    workers left serve it), so the front is not started again."""
+    import httpx2
+    import openai
+
     stack.stop_router()
     try:
         stack.start_router("proxy")
+        assert stack.http_url.startswith("http://127.0.0.1:")
+        prompt = [{"role": "user", "content": PROMPTS[1]}]
+        want = engine_ref(engine_ref.encode(PROMPTS[1]), 16)
+        oai = openai.OpenAI(base_url=stack.http_url, api_key="none", max_retries=0)
+        r = oai.chat.completions.create(
+            model="smollm2-135m-instruct", messages=prompt, temperature=0, max_tokens=16
+        )
+        assert r.choices[0].message.content == engine_ref.tokenizer.decode(
+            want, skip_special_tokens=True
+        )
+        assert r.usage.completion_tokens == len(want) and r.spec_decode["rounds"] >= 1
+        with pytest.raises(openai.NotFoundError):
+            oai.chat.completions.create(model="gpt-4o", messages=prompt, max_tokens=2)
+        # a streaming HTTP client that goes away frees its session through Serve's proxy too
+        body = {"model": "smollm2-135m-instruct", "messages": prompt, "max_tokens": 300,
+                "stream": True, "temperature": 0}  # fmt: skip
+        with httpx2.stream("POST", stack.http_url + "/chat/completions", json=body) as resp:
+            sid = resp.headers["x-coralline-session-id"]
+            next(resp.iter_lines())
+        assert _wait_freed(stack, sid, 3.0) is not None
         with Client(stack.address) as c:
             r = c.generate(PROMPTS[2], max_new_tokens=32)
             assert r.token_ids == engine_ref(engine_ref.encode(PROMPTS[2]), 32)

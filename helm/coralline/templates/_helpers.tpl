@@ -232,6 +232,11 @@ spec:
         - name: serve-grpc
           containerPort: {{ $root.Values.router.grpcPort }}
           protocol: TCP
+        {{- if $root.Values.router.http.enabled }}
+        - name: serve-http
+          containerPort: {{ $root.Values.router.http.port }}
+          protocol: TCP
+        {{- end }}
       resources:
         {{- toYaml .node.resources | nindent 8 }}
       securityContext:

@@ -146,12 +146,17 @@ def from_args(args: dict):
     are expanded from the replica's environment, so a Redis password stays in a Secret
     (`redis: redis://:${REDIS_PASSWORD}@redis:6379/0`); `tls` is a mapping of TlsConfig's
     fields (certificate files mounted in the pod). Ingress there is Serve's gRPC proxy
-    (`grpc_options` in the same config); nothing is forced onto loopback."""
+    (`grpc_options` in the same config); nothing is forced onto loopback. `http` (a mapping of
+    HttpConfig's models, max_body_bytes, api_tokens, disconnect_poll_s; `{}` for the defaults)
+    adds the OpenAI-compatible HTTP API on Serve's HTTP proxy (`http_options`); without
+    `api_tokens` the bearer tokens come from $CORALLINE_API_TOKENS in the replica's
+    environment (a Secret), as for `coralline serve`; none there: no auth."""
     from dataclasses import fields
 
     router_keys = {f.name for f in fields(RouterConfig)}
     replica_keys = {f.name for f in fields(ReplicaConfig)}
     args = {k: os.path.expandvars(v) if isinstance(v, str) else v for k, v in (args or {}).items()}
+    http = args.pop("http", None)
     unknown = sorted(set(args) - router_keys - replica_keys)
     if unknown:
         raise ValueError(
@@ -165,11 +170,40 @@ def from_args(args: dict):
 
         router["tls"] = TlsConfig(**router["tls"])
     replicas = {k: v for k, v in args.items() if k in replica_keys}
-    return build_app(RouterConfig(**router), ReplicaConfig(**replicas))
+    config = RouterConfig(**router)
+    return build_app(config, ReplicaConfig(**replicas), _http_config(http, config.model))
 
 
-def build_app(config: RouterConfig, replicas: ReplicaConfig | None = None):
-    """The Serve application (bind it with serve.run)."""
+def _http_config(http, model: str):
+    """from_args' `http` mapping -> HttpConfig (None: no HTTP API)."""
+    if http is None or http is False:
+        return None
+    from coralline.router.http import HttpConfig
+
+    if http is True:
+        http = {}
+    if not isinstance(http, dict):
+        raise ValueError(f"http must be a mapping of HttpConfig fields, got {http!r}")
+    allowed = {"models", "max_body_bytes", "api_tokens", "disconnect_poll_s"}
+    unknown = sorted(set(http) - allowed)
+    if unknown:
+        raise ValueError(f"unknown http args {unknown}; known: {sorted(allowed)}")
+    from coralline.rpc.security import check_token, load_tokens
+
+    kw = dict(http)
+    if "api_tokens" in kw:
+        kw["api_tokens"] = frozenset(check_token(t, "http.api_tokens") for t in kw["api_tokens"])
+    else:
+        kw["api_tokens"] = load_tokens(None)  # $CORALLINE_API_TOKENS, if set
+    kw["models"] = tuple(kw.get("models") or (model.rstrip("/").rsplit("/", 1)[-1],))
+    return HttpConfig(**kw)
+
+
+def build_app(config: RouterConfig, replicas: ReplicaConfig | None = None, http=None):
+    """The Serve application (bind it with serve.run). With `http` (an HttpConfig) its ingress
+    is `HttpIngress` in front of the Router deployment: the OpenAI-compatible HTTP API through
+    Serve's HTTP proxy, and the Generation RPCs of Serve's gRPC proxy forwarded (one hop more);
+    without, the Router deployment is the ingress."""
     from ray import serve
 
     replicas = replicas or ReplicaConfig()
@@ -186,4 +220,10 @@ def build_app(config: RouterConfig, replicas: ReplicaConfig | None = None):
         }
     else:
         options["num_replicas"] = replicas.routers
-    return serve.deployment(RouterReplica).options(**options).bind(config)
+    router = serve.deployment(RouterReplica).options(**options).bind(config)
+    if http is None:
+        return router
+    from coralline.router.http_ingress import HttpIngress
+
+    ingress = serve.deployment(serve.ingress()(HttpIngress))
+    return ingress.options(**{**options, "name": "Http"}).bind(router, http)

@@ -273,8 +273,10 @@ class Stack:
         )
 
     # ------------------------------------------------------------------ Ray Serve
-    def start_router(self, ingress: str | None = None) -> str:
-        """Ray, Serve and the public port (`ingress` overrides the config's)."""
+    def start_router(self, ingress: str | None = None, http: bool = True) -> str:
+        """Ray, Serve and the public port (`ingress` overrides the config's). The HTTP API
+        (unless http_port is None or http=False) is served by the front itself, or with the
+        proxy ingress by Serve's HTTP proxy through the HttpIngress deployment."""
         loopback_ray_env()
         import ray
         from ray import serve
@@ -299,21 +301,29 @@ class Stack:
             },
         )
         self._ray = True
+        serve_http = http and cfg.http_port is not None
+        if ingress == "proxy" and cfg.tls_dir:  # Serve's HTTP proxy has no TLS here
+            serve_http = False
         if ingress == "proxy":
             port = cfg.port or _free_port()
+            http_port = (cfg.http_port if serve_http else 0) or _free_port()
             serve.start(
                 proxy_location="HeadOnly",
-                http_options={"host": "127.0.0.1", "port": _free_port()},
+                http_options={"host": cfg.host, "port": http_port},
                 grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
             )
-            serve.run(build_app(self.router_config(), cfg.replicas), name=APP_NAME)
+            http_config = self.http_config() if serve_http else None
+            serve.run(build_app(self.router_config(), cfg.replicas, http_config), name=APP_NAME)
             self.address = f"127.0.0.1:{port}"
+            if serve_http:
+                host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+                self.http_url = f"http://{host}:{http_port}/v1"
         else:
             serve.start(proxy_location="Disabled")
             handle = serve.run(
                 build_app(self.router_config(), cfg.replicas), name=APP_NAME, route_prefix=None
             )
-            self._start_front(handle)
+            self._start_front(handle, serve_http)
         return self.address
 
     def http_config(self) -> HttpConfig:
@@ -326,7 +336,7 @@ class Stack:
             tls=cfg.public_tls,
         )
 
-    def _start_front(self, handle) -> None:
+    def _start_front(self, handle, http: bool) -> None:
         """The grpc.aio front on its own event-loop thread."""
         import asyncio
 
@@ -349,7 +359,7 @@ class Stack:
                     metrics=self.config.telemetry,
                 )
                 self.address = self._front.address
-                if self.config.http_port is not None:
+                if http:
                     self._http = HttpServer(self.http_config(), self._servicer, handle)
                     self.http_url = await self._http.start()
             except BaseException as e:
@@ -409,6 +419,7 @@ class Stack:
             self._thread.join(10)
             self._loop.close()
             self._front = self._loop = self._servicer = None
+        self.http_url = ""  # the proxy ingress's HTTP API goes with Serve
         if self._ray:
             import ray
             from ray import serve
@@ -424,8 +435,8 @@ class Stack:
         lines = [f"coralline serve listening on {self.address} ({self.ingress} ingress)"]
         if self.http_url:
             lines.append(f"  OpenAI-compatible HTTP API {self.http_url}")
-        elif cfg.http_port is not None and self.ingress == "proxy":
-            lines.append("  no HTTP API: the proxy ingress serves gRPC only (use the front)")
+        if self.http_url and self.ingress == "proxy":
+            lines.append("  (HTTP through Serve's HTTP proxy and the HttpIngress deployment)")
         if cfg.tls_dir:
             lines.append(
                 f"  TLS on the public port (clients: ca {cfg.tls_dir}/ca.pem); mutual TLS "

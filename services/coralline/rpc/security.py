@@ -105,7 +105,8 @@ def sync_channel(target: str, tls: TlsConfig | None, options: list | None = None
 
 
 # ---------------------------------------------------------------------- bearer tokens
-def _check_token(token: str, where: str) -> str:
+def check_token(token: str, where: str) -> str:
+    """The token, if it is long enough and printable ASCII without spaces."""
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"a token from {where} is shorter than {MIN_TOKEN_CHARS} characters")
     if any(c.isspace() for c in token) or not token.isprintable() or not token.isascii():
@@ -125,13 +126,13 @@ def load_tokens(file: str | None = None, env: str | None = TOKENS_ENV) -> frozen
         for n, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if line and not line.startswith("#"):
-                tokens.add(_check_token(line, f"{file} line {n}"))
+                tokens.add(check_token(line, f"{file} line {n}"))
         if not tokens:
             raise ValueError(f"the token file {file!r} holds no token")
     value = os.environ.get(env, "") if env else ""
     for part in value.split(","):
         if part.strip():
-            tokens.add(_check_token(part.strip(), f"${env}"))
+            tokens.add(check_token(part.strip(), f"${env}"))
     return frozenset(tokens)
 
 

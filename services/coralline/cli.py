@@ -811,8 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ingress",
         default="front",
         choices=["front", "proxy"],
-        help="front: grpc.aio on Serve handles (loopback, reliable cancel); proxy: Serve's own "
-        "gRPC proxy (binds every interface; see docs/router.md)",
+        help="front: grpc.aio (and the HTTP API) on Serve handles (loopback, reliable cancel); "
+        "proxy: Serve's own gRPC and HTTP proxies, as on Kubernetes (docs/router.md)",
     )
     sv.add_argument("--model", default="smollm2-135m-instruct", help="the target")
     sv.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")

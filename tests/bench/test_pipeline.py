@@ -72,9 +72,7 @@ def test_config_validation_and_quick_preset():
 @pytest.mark.timeout(300)
 def test_quick_pipeline_bench_end_to_end(tmp_path):
     out = tmp_path / "pipeline.json"
-    t0 = time.perf_counter()
     pipeline_bench.main(str(out), quick=True, command="coralline bench pipeline --quick")
-    assert time.perf_counter() - t0 < 180
     rep = json.loads(out.read_text())
     assert set(rep["modes"]) == {"in_process", "split", "split_delayed"}
     assert rep["identical"]["split"] == [True, True]  # greedy: the split run is lossless

@@ -105,9 +105,10 @@ class RouterBenchConfig:
 
     @classmethod
     def quick(cls, **kw: Any) -> RouterBenchConfig:
-        """What the test runs: 2 prompts x 24 tokens once, clients 1 and 2, 2 cancel trials."""
+        """What the test runs: 2 prompts x 24 tokens once, clients 1 and 2, 2 cancel trials,
+        a session still running 2 s after its cancel counted as not freed."""
         quick = {"prompts": 2, "max_new_tokens": 24, "repeats": 1, "clients": (1, 2)}
-        return cls(**{**quick, "cancel_trials": 2, **kw})
+        return cls(**{**quick, "cancel_trials": 2, "free_timeout_s": 2.0, **kw})
 
 
 # ---------------------------------------------------------------------- one generation per path

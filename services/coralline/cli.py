@@ -178,6 +178,8 @@ def _cmd_drafter(args: argparse.Namespace) -> int:
         workers=args.workers,
         metrics_port=args.metrics_port,
         pipeline=args.pipeline,
+        batch=not args.no_batch,
+        batch_wait_ms=args.batch_wait_ms,
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
@@ -705,7 +707,19 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--drafter", default="coral", help="default drafter for sessions")
     dr.add_argument("--draft-checkpoint", default=None, help="a CORAL checkpoint folder")
     dr.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
-    dr.add_argument("--workers", type=int, default=2, help="drafting threads")
+    dr.add_argument("--workers", type=int, default=2, help="drafting threads (with --no-batch)")
+    dr.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="draft each session on its own instead of batching the head forwards and LM-head "
+        "calls of the sessions drafting at once (docs/batching.md)",
+    )
+    dr.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a wave of batched drafting waits for the previous wave's sessions",
+    )
     dr.add_argument(
         "--pipeline",
         action="store_true",

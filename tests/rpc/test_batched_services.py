@@ -1,7 +1,8 @@
 """The services under load, end to end on the real target: a batched verifier (the default) and
 a pipelined drafter (`coralline drafter --pipeline`) in separate OS processes. Four concurrent
 clients with different prompts: each output is the target's own greedy output; the drafter's
-speculation cache answered Commits (hits on its /metrics) and the verifier's rounds carried the
+speculation cache answered Commits (hits on its /metrics), its batched drafting served several
+sessions per head call, and the verifier's rounds carried the
 load-adaptive cost hint (its batches held several sessions)."""
 
 import threading
@@ -71,6 +72,10 @@ def test_concurrent_sessions_through_batched_and_pipelined_services(services, sm
     assert got == want
     hits = _metric(drafter.metrics_url, 'coralline:drafter_speculation_cache_total{outcome="hit"}')
     assert hits > 0
+    # the drafter batched the sessions' steps (draft/batch.py): calls served several sessions
+    assert _metric(drafter.metrics_url, "coralline:drafter_batch_steps_sum") > _metric(
+        drafter.metrics_url, "coralline:drafter_batch_steps_count"
+    )
     assert _metric(verifier.metrics_url, "coralline:batch_sessions_count") > 0
     # some batches held more than one session's round
     assert _metric(verifier.metrics_url, "coralline:batch_sessions_sum") > _metric(

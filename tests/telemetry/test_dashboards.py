@@ -363,6 +363,7 @@ class Activity:
         hit = rng.random() < 0.2  # a pipelined drafter's speculation cache
         drafter.spec_cache.labels(outcome="hit" if hit else "miss").inc()
         drafter.spec_hidden_s.inc(drafter_s if hit else 0.0)
+        drafter.batch_steps.observe(rng.randint(1, 8))  # batched drafting (draft/batch.py)
         verifier.batch(rng.randint(1, 8), rng.randint(8, 128), forward + rng.uniform(0, 0.02))
         wait = drafter_s + rng.uniform(5e-4, 4e-3)  # + the network
         verifier.round_done(

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from coralline.draft.base import DraftInput, DraftProposal, FeatureCount
+from coralline.draft.batch import HeadCall
 from coralline.draft.coral import CoralHead
 from coralline.draft.ngram import NgramConfig, NgramDrafter
 from coralline.draft.trees import (
@@ -151,6 +152,8 @@ class CoralDrafter:
         # grouped head's very nodes (full_lm_head_ms), for the paired grouped-vs-full figure
         self.chain_only = self.config.chain
         self.name = self.config.registry_name()
+        self.batcher = None  # a draft/batch.py DraftBatcher: head forwards and LM-head calls
+        # are batched with other sessions' (the drafter service sets it; None: run here)
         self.reset()
 
     def reset(self) -> None:
@@ -183,7 +186,9 @@ class CoralDrafter:
         """Warped draft distributions for feats [n, d]: (token ids [n, S] or None for the full
         vocabulary, probs [n, S])."""
         t0 = time.perf_counter_ns()
-        if self.config.grouped:
+        if self.batcher is not None:
+            ids, logits = self.batcher.logits(self.head, self.config.grouped, feats)
+        elif self.config.grouped:
             ids, logits = self.head.grouped_logits(feats)
         else:
             ids, logits = None, self.head.full_logits(feats)
@@ -208,9 +213,13 @@ class CoralDrafter:
         t0 = time.perf_counter_ns()
         if mask is not None:
             mask = mask.to(dev, self.head.fc.weight.dtype)
-        out = self.head(
-            tokens[None].to(dev), feats[None].to(dev), positions[None].to(dev), mask, self.cache
-        )[0]
+        if self.batcher is not None:
+            call = HeadCall(tokens.to(dev), feats.to(dev), positions.to(dev), mask, self.cache)
+            out = self.batcher.head(self.head, call)
+        else:
+            out = self.head(
+                tokens[None].to(dev), feats[None].to(dev), positions[None].to(dev), mask, self.cache
+            )[0]
         if self.timeline is not None:
             self.timeline.append((DRAFT_HEAD, t0, time.perf_counter_ns()))
         return out

@@ -4,8 +4,10 @@ One bidirectional `Draft` stream per session (protos/coralline/v1/drafter.proto)
 the session's drafter and answers with the first Proposal; each Commit answers with the next;
 Close, the end of the stream, a broken stream or `idle_timeout_s` without a message free it.
 Drafting runs in a thread pool, off the event loop, so a slow session never stalls the others
-(torch releases the GIL in its kernels). The process holds each head, its router and the
-target's embedding / LM-head rows (models.load_token_weights), never the target's layers.
+(torch releases the GIL in its kernels); with `batch` (the default) the sessions drafting at
+once share each head forward and LM-head call (draft/batch.py). The process holds each head,
+its router and the target's embedding / LM-head rows (models.load_token_weights), never the
+target's layers.
 
 Knows nothing about verification: it turns DraftInputs into DraftProposals.
 """
@@ -13,6 +15,7 @@ Knows nothing about verification: it turns DraftInputs into DraftProposals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -24,6 +27,7 @@ import torch
 
 import coralline
 from coralline.draft.base import DraftInput
+from coralline.draft.batch import DraftBatchConfig, DraftBatcher
 from coralline.draft.pipeline import SpeculationCache
 from coralline.draft.registry import DRAFTERS, drafter_factory, drafter_kind
 from coralline.router.placement import DRAFTER
@@ -50,7 +54,12 @@ class DrafterServiceConfig:
     dtype: str = "float32"  # fp32 on CPU; bf16 / fp16 on GPU
     max_sessions: int = 64  # RESOURCE_EXHAUSTED past it: a head's state is ~1 MB per session
     idle_timeout_s: float = 300.0  # a session with no message for this long is freed
-    workers: int = 2  # drafting threads (one per core on this machine's 2 cores)
+    workers: int = 2  # drafting threads without batching (one per core on this machine's 2
+    # cores); with batching every open session may draft at once (a thread each, mostly waiting)
+    batch: bool = True  # batch the head forwards and LM-head calls of the sessions drafting at
+    # once (draft/batch.py): one call per step for all of them instead of one per session
+    batch_wait_ms: float = 5.0  # how long a wave of drafting waits for the previous wave's
+    # sessions (their Commits arrive together when the verifier verified them together)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None =
     # no metrics recorded (tracing is configured by the OTEL_* variables: telemetry/tracing.py)
     pipeline: bool = False  # CORAL drafters pre-draft each session's next round for the outcome
@@ -70,6 +79,8 @@ class DrafterServiceConfig:
             raise ValueError("max_sessions and workers must be >= 1")
         if not self.idle_timeout_s > 0:
             raise ValueError("idle_timeout_s must be > 0")
+        if not self.batch_wait_ms >= 0:
+            raise ValueError("batch_wait_ms must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 
@@ -132,7 +143,14 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         self._factories: dict[str, object] = {}
         self._factory_lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
-        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="draft")
+        self.batcher = None
+        workers = config.workers
+        if config.batch:
+            self.batcher = DraftBatcher(DraftBatchConfig(max_wait_ms=config.batch_wait_ms))
+            workers = max(workers, config.max_sessions)
+            if self.metrics is not None:
+                self.batcher.on_call = self.metrics.batch_steps.observe
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="draft")
         self.draining = False
         self._factory(config.default_drafter)  # load the default head now: fail at start-up
 
@@ -202,6 +220,9 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         drafter = factory()
         if self.config.pipeline:
             drafter = _pipelined(drafter)
+        for d in (drafter, getattr(drafter, "drafter", None)):  # a speculation cache's inner one
+            if hasattr(d, "batcher"):
+                d.batcher = self.batcher
         session = _Session(msg.session_id, name, drafter, params, len(ids), max(msg.round, 1))
         session.drafter.reset()
         session.cost = getattr(session.drafter, "cost", None)
@@ -239,10 +260,17 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         accepted = tuple(int(a) for a in msg.accepted) or None
         return DraftInput(tuple(ids), feats, accepted)
 
+    def _drafting(self, session: _Session):
+        """The block in which a session drafts: batched with the others' (or not batched)."""
+        if self.batcher is None:
+            return contextlib.nullcontext()
+        return self.batcher.drafting(session.session_id)
+
     def _predraft(self, session: _Session) -> None:
         """Runs in a pool thread after a proposal was sent (pipeline): never fails the stream."""
         try:
-            session.drafter.predraft(session.params)
+            with self._drafting(session):
+                session.drafter.predraft(session.params)
         except Exception:  # the next propose drafts for the real commit
             log.exception("session %s: pre-draft failed", session.session_id)
 
@@ -257,7 +285,8 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
             drafter.cost = session.cost.under_load(session.hint) if session.hint else session.cost
         cache = drafter.stats if isinstance(drafter, SpeculationCache) else None
         before = (cache.hits, cache.misses, cache.hidden_ms) if cache is not None else None
-        proposal = drafter.propose(step, session.params)
+        with self._drafting(session):
+            proposal = drafter.propose(step, session.params)
         if cache is not None and self.metrics is not None:
             m = self.metrics
             m.spec_cache.labels(outcome="hit").inc(cache.hits - before[0])
@@ -297,6 +326,8 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
     def _close(self, session: _Session, why: str) -> None:
         if self._sessions.get(session.session_id) is session:
             del self._sessions[session.session_id]
+        if self.batcher is not None:
+            self.batcher.forget(session.session_id)
         log.info("close %s (%s) after round %d", session.session_id, why, session.round)
 
     # ------------------------------------------------------------------ RPCs

@@ -252,6 +252,12 @@ class DrafterMetrics:
         self.spec_hidden_s = _c(
             r, "drafter_speculation_hidden_seconds", "Drafting time of the pre-drafts that hit"
         )
+        self.batch_steps = _h(
+            r,
+            "drafter_batch_steps",
+            "Sessions' draft steps served by one batched head or LM-head call (draft/batch.py)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
         for outcome in ("hit", "miss"):  # exported at 0 (a drafter without --pipeline)
             self.spec_cache.labels(outcome=outcome)
 

@@ -72,8 +72,40 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     assert sched.pool.free_slots == 4  # the pool is as it was
     first = load_or_measure(sched, "f" * 64)
     assert costs.cache_file(sched.model, "f" * 64).exists()
-    monkeypatch.setattr(costs, "measure", lambda *a, **k: pytest.fail("measured again"))
-    assert load_or_measure(sched, "f" * 64) == first  # read from the cache
+    probed = []
+
+    def probe_only(scheduler, totals=costs.TOTALS, **kw):  # the machine as fast as the cache
+        if totals == costs.TOTALS:
+            pytest.fail("measured again")
+        probed.append(totals)
+        return {t: first[t] * 1.2 for t in totals}
+
+    monkeypatch.setattr(costs, "measure", probe_only)
+    assert load_or_measure(sched, "f" * 64) == first  # read from the cache, after a probe
+    assert probed == [costs.PROBE]
+
+
+def test_a_cached_table_the_machine_no_longer_matches_is_measured_again(
+    tmp_path, monkeypatch, caplog
+):
+    """A table cached while the machine was busy (every figure far too slow) is found out by
+    the start-up probe, measured again and replaced; a warning says so."""
+    import json
+    import logging
+
+    monkeypatch.setenv("CORALLINE_CACHE", str(tmp_path))
+    sched = BatchScheduler(tiny_llama(20, seed=4), BatchConfig(slots=4, max_batch_tokens=32))
+    path = costs.cache_file(sched.model, "d" * 64)
+    path.parent.mkdir(parents=True)
+    slow = {t: 1e4 for t in costs.TOTALS if t <= 32}  # 10 s per forward: a tiny model never is
+    path.write_text(json.dumps({"ms": slow, "measured": 0}))
+    log = logging.getLogger("test-costs")
+    with caplog.at_level(logging.WARNING, "test-costs"):
+        table = load_or_measure(sched, "d" * 64, log=log)
+    assert "off on this machine now" in caplog.text and "1 tokens" in caplog.text
+    assert list(table) == list(slow) and max(table.values()) < 1e3
+    assert json.loads(path.read_text())["ms"] == {str(t): ms for t, ms in table.items()}
+    assert costs._drift({1: 10.0, 16: 20.0}, {1: 14.0, 16: 9.0}) == {16: 0.45}
 
 
 def test_an_unwritable_cache_measures_and_warns(tmp_path, monkeypatch, caplog):

@@ -1,11 +1,16 @@
 """The cost model of a batched forward, and the load-adaptive tree budget built on it.
 
-`measure(scheduler)`: median milliseconds of one ragged forward holding T tokens in total, for
-T in TOTALS, on the verifier's own device: the T tokens are 8-node trees of ceil(T / 8)
-sessions (T < 8: one session), each after `context` cached tokens, so the figure includes the
-per-session attention and bookkeeping a real batch pays. Cached per (target fingerprint, device,
-dtype, linear kernel, threads) under the coralline cache (`costs/`), so a verifier measures once
-per machine.
+`measure(scheduler)`: milliseconds of one ragged forward holding T tokens in total, for T in
+TOTALS, on the verifier's own device: the T tokens are 8-node trees of ceil(T / 8) sessions
+(T < 8: one session), each after `context` cached tokens, so the figure includes the
+per-session attention and bookkeeping a real batch pays. Each figure is the fastest of a few
+sweeps over the sizes, interleaved: a neighbour's burst of work slows a run, never speeds it up.
+Cached per (target fingerprint, device, dtype, linear kernel, threads) under the coralline cache
+(`costs/`). At each start a cached table is checked against a quick probe (PROBE sizes) and
+measured again when it is off by more than DRIFT either way: a table measured while the
+machine was busy (seen here: an install running beside it made every figure 2-4x too slow and
+shrank the trees under load, -20% tokens/s at 4 sessions) or on other hardware under the same
+name does not stay in the cache.
 
 `LoadPolicy.hint(sessions, max_nodes)`: the cost of one round with a tree of n nodes when
 `sessions` sessions share the forward, assuming the others draft alike: t(sessions * n). The
@@ -35,6 +40,8 @@ import torch
 from coralline.batching.forward import Item, ragged_forward
 
 TOTALS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+PROBE = (1, 16)  # what each start checks a cached table against
+DRIFT = 1.5  # a cached figure off by more than this factor either way is measured again
 HINT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # the budget chooser's sizes
 
 
@@ -63,13 +70,15 @@ def cache_file(model, fingerprint: str) -> Path:
 
 
 @torch.inference_mode()
-def measure(scheduler, context: int = 200, repeats: int = 3) -> dict[int, float]:
+def measure(
+    scheduler, context: int = 200, repeats: int = 3, totals: tuple[int, ...] = TOTALS
+) -> dict[int, float]:
     """Milliseconds of one batched forward per total token count (see the module docstring;
-    the median of `repeats` runs below 128 tokens, one run from 128 on).
+    the fastest of `repeats` interleaved sweeps below 128 tokens, one run from 128 on).
     Needs free slots; leaves the pool as it found it."""
     model, pool = scheduler.model, scheduler.pool
     limit = scheduler.config.max_batch_tokens
-    totals = [t for t in TOTALS if t <= limit]
+    totals = [t for t in totals if t <= limit] or [min(totals)]
     context = min(context, pool.slot_tokens - 9)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     g = torch.Generator().manual_seed(0)
@@ -85,7 +94,7 @@ def measure(scheduler, context: int = 200, repeats: int = 3) -> dict[int, float]
             mask8[i] = mask8[p] if p >= 0 else mask8[i]
             mask8[i, i] = True
         depth8 = torch.tensor([0, 1, 1, 2, 2, 2, 2, 3])
-        out = {}
+        batches = {}
         for total in totals:
             k = min(len(slots), max(1, math.ceil(total / 8)))
             sizes = [total // k + (i < total % k) for i in range(k)]
@@ -95,26 +104,42 @@ def measure(scheduler, context: int = 200, repeats: int = 3) -> dict[int, float]
                 mask = mask8[:n, :n] if n <= 8 else torch.ones(n, n, dtype=torch.bool).tril()
                 pos = context + (depth8[:n] if n <= 8 else torch.arange(n))
                 items.append(Item(s, context, ids, pos, mask, True))
-            times = []
-            for _ in range(repeats if total < 128 else 1):  # the large ones vary little
+            batches[total] = items
+        times: dict[int, list[float]] = {t: [] for t in totals}
+        for sweep in range(repeats):
+            for total, items in batches.items():
+                if sweep and total >= 128:  # the large ones vary little
+                    continue
                 t0 = time.perf_counter()
                 ragged_forward(model, pool, items)
-                times.append((time.perf_counter() - t0) * 1e3)
-            out[total] = statistics.median(times)
-        return out
+                times[total].append((time.perf_counter() - t0) * 1e3)
+        return {t: min(ms) for t, ms in times.items()}
     finally:
         for s in slots:
             scheduler.release(s)
 
 
 def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
-    """The cached table for this target and device, else a fresh measurement (then cached)."""
+    """The cached table for this target and device when a quick probe agrees with it, else a
+    fresh measurement (then cached)."""
     path = cache_file(scheduler.model, fingerprint)
     if path.exists() and not os.environ.get("CORALLINE_REMEASURE"):
         try:
-            return {int(k): float(v) for k, v in json.loads(path.read_text())["ms"].items()}
+            cached = {int(k): float(v) for k, v in json.loads(path.read_text())["ms"].items()}
         except (ValueError, KeyError, OSError):
-            pass  # a damaged cache is measured again
+            cached = None  # a damaged cache is measured again
+        if cached:
+            drift = _drift(
+                cached, measure(scheduler, totals=tuple(t for t in PROBE if t in cached))
+            )
+            if not drift:
+                return cached
+            if log is not None:
+                log.warning(
+                    "the cached cost table %s is off on this machine now (%s): measuring again",
+                    path,
+                    ", ".join(f"{t} tokens: {r:.2f}x" for t, r in drift.items()),
+                )
     if log is not None:
         log.info("measuring the batched forward's cost on this device (cached in %s)", path)
     table = measure(scheduler)
@@ -127,6 +152,12 @@ def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
         if log is not None:
             log.warning("could not cache the cost table in %s: %s", path, e)
     return table
+
+
+def _drift(cached: dict[int, float], probe: dict[int, float]) -> dict[int, float]:
+    """{tokens: probe / cached} where they differ by more than DRIFT either way."""
+    ratios = {t: ms / cached[t] for t, ms in probe.items() if t in cached}
+    return {t: r for t, r in ratios.items() if not 1 / DRIFT <= r <= DRIFT}
 
 
 class LoadPolicy:

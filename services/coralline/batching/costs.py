@@ -7,10 +7,10 @@ per-session attention and bookkeeping a real batch pays. Each figure is the fast
 sweeps over the sizes, interleaved: a neighbour's burst of work slows a run, never speeds it up.
 Cached per (target fingerprint, device, dtype, linear kernel, threads) under the coralline cache
 (`costs/`). At each start a cached table is checked against a quick probe (PROBE sizes) and
-measured again when it is off by more than DRIFT either way: a table measured while the
-machine was busy (seen here: an install running beside it made every figure 2-4x too slow and
-shrank the trees under load, -20% tokens/s at 4 sessions) or on other hardware under the same
-name does not stay in the cache.
+measured again when it is off by more than DRIFT either way, so a table measured while the
+machine was busy, or on other hardware under the same name, does not stay in the cache. (Seen
+here: an install running beside the measurement made every figure 3-7x too slow, which shrank
+the trees under load: tau 1.24 instead of 2.76 at 4 sessions, -20% tokens/s.)
 
 `LoadPolicy.hint(sessions, max_nodes)`: the cost of one round with a tree of n nodes when
 `sessions` sessions share the forward, assuming the others draft alike: t(sessions * n). The

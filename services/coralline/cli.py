@@ -717,8 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=5.0,
-        help="how long a wave of batched drafting waits for the previous wave's sessions",
+        default=10.0,
+        help="the longest a batched draft step waits for the other sessions' steps",
     )
     dr.add_argument(
         "--pipeline",

@@ -170,6 +170,7 @@ def test_sessions_drafting_together_propose_what_each_proposes_alone(params, loo
     st = batcher.stats
     assert st.steps > st.batches  # several sessions per call on average
     assert max(st.sessions_hist) == len(PROMPTS)
+    assert batcher.waiting == 0  # nothing left behind
 
 
 def test_a_wave_waits_for_the_previous_waves_sessions_then_gives_up():
@@ -202,6 +203,31 @@ def test_a_wave_waits_for_the_previous_waves_sessions_then_gives_up():
     with batcher.drafting("c"):  # wave 3: a closed, nobody to wait for
         batcher.logits(head, True, feats)
     assert time.perf_counter() - t0 < 0.09
+
+
+def test_a_session_slow_to_come_back_delays_the_others_by_at_most_max_wait_ms():
+    """b is drafting but busy elsewhere for 0.5 s: a's step runs after max_wait_ms, not after
+    b's next step."""
+    _, head = _head()
+    batcher = DraftBatcher(DraftBatchConfig(max_wait_ms=20))
+    feats = torch.randn(2, head.config.hidden_size, dtype=torch.float64)
+    inside = threading.Event()
+
+    def slow_b():
+        with batcher.drafting("b"):
+            inside.set()
+            time.sleep(0.5)
+            batcher.logits(head, True, feats)
+
+    t = threading.Thread(target=slow_b)
+    t.start()
+    inside.wait(5)
+    t0 = time.perf_counter()
+    with batcher.drafting("a"):
+        batcher.logits(head, True, feats)
+    assert time.perf_counter() - t0 < 0.3
+    t.join()
+    assert batcher.stats.sessions_hist == {1: 2}  # two calls, one session each
 
 
 def test_a_failing_step_fails_only_its_callers_and_steps_need_a_session():

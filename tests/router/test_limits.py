@@ -32,6 +32,12 @@ def verifier(tmp_path_factory):
     p.stop()
 
 
+LONG = (
+    "Write a detailed 1000-word essay about the history of the Roman Empire."  # greedy: 300+ tokens
+)
+# (a short answer would end before the bound on a fast machine)
+
+
 def _request(text: str, n: int) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(text=text, max_new_tokens=n, drafter="none")
 
@@ -84,7 +90,7 @@ def test_a_request_past_max_request_s_ends_and_frees_its_session(verifier):
         got = []
         t0 = time.perf_counter()
         with pytest.raises(ServiceError) as e:
-            async for r in core.generate(_request("Count from one to five hundred.", 400)):
+            async for r in core.generate(_request(LONG, 400)):
                 got.append(r)
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "max_request_s" in e.value.message

@@ -315,6 +315,10 @@ def test_full_stack_is_429_and_a_disconnect_frees_the_session(stack, oai, redis_
     assert sid not in _verifier_sessions(stack)
 
 
+# greedy: 300+ tokens (a short answer would end before the client leaves on a fast machine)
+ESSAY = "Write a detailed 1000-word essay about the history of the Roman Empire."
+
+
 def test_a_non_streamed_request_whose_client_leaves_is_cancelled(stack, redis_server):
     store = RedisSessionStore(redis_server.url)
     before = set(_verifier_sessions(stack))
@@ -325,9 +329,9 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(stack, redis_se
             result["response"] = _post(
                 stack,
                 "/chat/completions",
-                {"model": MODEL, "max_tokens": 400, "temperature": 0,
-                 "messages": [{"role": "user", "content": "Tell me a long story."}]},
-                timeout=2.0,  # the client gives up mid-generation
+                {"model": MODEL, "max_tokens": 1000, "temperature": 0,
+                 "messages": [{"role": "user", "content": ESSAY}]},
+                timeout=1.5,  # the client gives up mid-generation (greedy: 300+ tokens)
             )  # fmt: skip
         except httpx2.TimeoutException as e:
             result["timeout"] = e

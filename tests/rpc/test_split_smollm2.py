@@ -114,7 +114,10 @@ def test_a_conversation_as_messages_is_rendered_by_the_verifier(split, smollm2):
 @pytest.mark.slow
 def test_cancel_frees_the_session_on_both_services(split):
     drafter, verifier, client = split
-    stream = client.stream("Tell me a long story about a lighthouse.", max_new_tokens=400)
+    stream = client.stream(
+        "Write a detailed 1000-word essay about the history of the Roman Empire.",
+        max_new_tokens=400,
+    )
     first = next(iter(stream))
     assert _info(verifier.address).active_sessions == 1
     assert _info(drafter.address).active_sessions == 1

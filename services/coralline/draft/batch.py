@@ -25,8 +25,10 @@ Gathering, in waves: a batch runs when every session drafting now waits on a ste
 building its tree), and, while a wave gathers, once every session of the previous wave has come
 back or `max_wait_ms` has passed since the wave began. A wave ends when no session is drafting;
 the sessions of a wave are the ones the next wave waits for (their Commits arrive together when
-the verifier verified them together: the two sides stay in step). The thread that finds a batch
-ready runs it; the others sleep until their step is done.
+the verifier verified them together: the two sides stay in step). No step waits longer than
+`max_wait_ms` for the others: a session slow to come back (its thread starved of the GIL, say)
+delays the rest by at most that, and joins the next call. The thread that finds a batch ready
+runs it; the others sleep until their step is done.
 
 Knows nothing about gRPC or trees: a drafter hands it tensors (coral_drafter.py `batcher`).
 """
@@ -45,8 +47,9 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class DraftBatchConfig:
-    max_wait_ms: float = 5.0  # how long a wave waits for the previous wave's sessions to come
-    # back (their Commits arrive within a few ms of each other when verified in one batch)
+    max_wait_ms: float = 10.0  # the longest a step waits for the other sessions' steps, and a
+    # wave for the previous wave's sessions (their Commits arrive within a few ms of each other
+    # when verified in one batch)
 
     def __post_init__(self) -> None:
         if not self.max_wait_ms >= 0:
@@ -140,6 +143,7 @@ class _Step:
     key: tuple  # steps with the same key run as one call
     run_many: Callable[[list], list]  # payloads -> results, in order
     payload: object
+    queued: float = field(default_factory=time.perf_counter)
     done: bool = False
     result: object = None
     error: BaseException | None = None
@@ -173,6 +177,11 @@ class DraftBatcher:
         self._running = False
         self.on_call: Callable[[int], None] | None = None  # called with each call's steps
         # (the drafter service's metrics)
+
+    @property
+    def waiting(self) -> int:
+        """Draft steps waiting for their batched call (the drafter's queue depth)."""
+        return len(self._pending)
 
     # ------------------------------------------------------------------ sessions
     @contextmanager
@@ -240,13 +249,12 @@ class DraftBatcher:
         """0: a batch can run now; else how long to wait (None: until notified)."""
         if self._running or not self._pending:
             return None
-        if len(self._pending) < sum(self._active.values()):
-            return None  # a session is still building its tree
-        if self._expected:
-            left = self._wave_start + self.config.max_wait_ms / 1e3 - time.perf_counter()
-            if left > 0:
-                return left
-        return 0.0
+        wait = self.config.max_wait_ms / 1e3
+        deadline = min(s.queued for s in self._pending) + wait  # no step waits longer
+        if len(self._pending) >= sum(self._active.values()):  # nobody is building a tree
+            deadline = min(deadline, self._wave_start + wait if self._expected else 0.0)
+        left = deadline - time.perf_counter()
+        return 0.0 if left <= 0 else left
 
     def _execute(self) -> None:
         """Run every pending step (called with the lock held; released while computing)."""

@@ -58,8 +58,8 @@ class DrafterServiceConfig:
     # cores); with batching every open session may draft at once (a thread each, mostly waiting)
     batch: bool = True  # batch the head forwards and LM-head calls of the sessions drafting at
     # once (draft/batch.py): one call per step for all of them instead of one per session
-    batch_wait_ms: float = 5.0  # how long a wave of drafting waits for the previous wave's
-    # sessions (their Commits arrive together when the verifier verified them together)
+    batch_wait_ms: float = 10.0  # the longest a draft step waits for the other sessions', and a
+    # wave of drafting for the previous wave's sessions (draft/batch.py)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None =
     # no metrics recorded (tracing is configured by the OTEL_* variables: telemetry/tracing.py)
     pipeline: bool = False  # CORAL drafters pre-draft each session's next round for the outcome
@@ -136,7 +136,10 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
         if config.metrics_port is not None:
             self.metrics = DrafterMetrics(
                 sessions=lambda: len(self._sessions),
-                queue=lambda: self._pool._work_queue.qsize(),
+                queue=lambda: (
+                    self._pool._work_queue.qsize()
+                    + (self.batcher.waiting if self.batcher is not None else 0)
+                ),
             )
         self.weights = load_token_weights(config.model, _DTYPES[config.dtype], config.device)
         self.fingerprint = self.weights.fingerprint

@@ -233,7 +233,12 @@ class DrafterMetrics:
     ) -> None:
         r = self.registry = registry or CollectorRegistry()
         _g(r, "drafter_sessions", "Draft streams open", sessions)
-        _g(r, "drafter_queue_depth", "Proposals waiting for a drafting thread", queue)
+        _g(
+            r,
+            "drafter_queue_depth",
+            "Proposals waiting for a drafting thread, and draft steps for their batched call",
+            queue,
+        )
         self.opened = _c(r, "drafter_sessions_opened", "Draft streams opened")
         self.proposals = _c(r, "drafter_proposals", "Proposals sent")
         self.nodes = _c(r, "drafter_proposal_nodes", "Tree nodes proposed, roots included")

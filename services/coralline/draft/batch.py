@@ -35,6 +35,7 @@ Knows nothing about gRPC or trees: a drafter hands it tensors (coral_drafter.py 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,13 +72,6 @@ class HeadCall:
         return int(self.tokens.shape[0])
 
 
-def _bounds(sizes: list[int]) -> list[int]:
-    out = [0]
-    for n in sizes:
-        out.append(out[-1] + n)
-    return out
-
-
 @torch.inference_mode()
 def head_forward_many(head, calls: list[HeadCall]) -> list[torch.Tensor]:
     """CoralHead.forward of every call in one pass; -> per call its draft features [n, d].
@@ -90,7 +84,7 @@ def head_forward_many(head, calls: list[HeadCall]) -> list[torch.Tensor]:
     if not calls:
         return []
     dev, dtype = head.fc.weight.device, head.fc.weight.dtype
-    bounds = _bounds([c.size for c in calls])
+    bounds = list(itertools.accumulate((c.size for c in calls), initial=0))
     total = bounds[-1]
     ids = torch.cat([c.tokens for c in calls]).to(dev)  # [N]
     feats = torch.cat([c.features for c in calls]).to(dev, dtype)  # [N, d]
@@ -130,7 +124,7 @@ def head_forward_many(head, calls: list[HeadCall]) -> list[torch.Tensor]:
 def logits_many(head, grouped: bool, feats: list[torch.Tensor]):
     """The draft logits of every call's rows in one call; -> per call (token ids [n, S] or None
     for the full vocabulary, logits [n, S]), as CoralHead.grouped_logits / full_logits."""
-    bounds = _bounds([int(f.shape[0]) for f in feats])
+    bounds = list(itertools.accumulate((int(f.shape[0]) for f in feats), initial=0))
     rows = torch.cat(feats)  # [N, d]
     ids, logits = head.grouped_logits(rows) if grouped else (None, head.full_logits(rows))
     cut = [slice(bounds[i], bounds[i + 1]) for i in range(len(feats))]
@@ -139,7 +133,6 @@ def logits_many(head, grouped: bool, feats: list[torch.Tensor]):
 
 @dataclass
 class _Step:
-    session: str
     key: tuple  # steps with the same key run as one call
     run_many: Callable[[list], list]  # payloads -> results, in order
     payload: object
@@ -153,12 +146,7 @@ class _Step:
 class DraftBatchStats:
     batches: int = 0  # calls made (one per kind of step in a batch)
     steps: int = 0  # session steps they served
-    waves: int = 0
     sessions_hist: dict[int, int] = field(default_factory=dict)  # steps per call -> calls
-
-    @property
-    def steps_per_call(self) -> float:
-        return self.steps / self.batches if self.batches else 0.0
 
 
 class DraftBatcher:
@@ -194,7 +182,6 @@ class DraftBatcher:
             if not self._active:  # a new wave: it waits for the previous one's sessions
                 self._expected, self._wave = set(self._wave), set()
                 self._wave_start = time.perf_counter()
-                self.stats.waves += 1
             self._active[session] = self._active.get(session, 0) + 1
             self._wave.add(session)
             self._expected.discard(session)
@@ -228,10 +215,9 @@ class DraftBatcher:
         return self._run(key, lambda fs: logits_many(head, grouped, fs), feats)
 
     def _run(self, key: tuple, run_many: Callable[[list], list], payload):
-        session = getattr(self._local, "session", None)
-        if session is None:
+        if getattr(self._local, "session", None) is None:
             raise RuntimeError("draft steps are batched only inside DraftBatcher.drafting()")
-        step = _Step(session, key, run_many, payload)
+        step = _Step(key, run_many, payload)
         with self._cond:
             self._pending.append(step)
             self._cond.notify_all()

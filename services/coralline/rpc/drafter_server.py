@@ -108,6 +108,7 @@ def _pipelined(drafter):
     if not isinstance(drafter, CoralDrafter):
         return drafter
     inner = CoralDrafter(drafter.head, replace(drafter.config, pipeline=True), drafter.cost)
+    inner.batcher = drafter.batcher
     return SpeculationCache(inner)
 
 
@@ -221,11 +222,10 @@ class DrafterService(drafter_pb2_grpc.DrafterServiceServicer):
                 msg.features, name="Open.features", rows=len(ids) - 1, cols=self.weights.hidden_size
             )
         drafter = factory()
+        if hasattr(drafter, "batcher"):  # a CORAL drafter: its head calls join the others'
+            drafter.batcher = self.batcher
         if self.config.pipeline:
             drafter = _pipelined(drafter)
-        for d in (drafter, getattr(drafter, "drafter", None)):  # a speculation cache's inner one
-            if hasattr(d, "batcher"):
-                d.batcher = self.batcher
         session = _Session(msg.session_id, name, drafter, params, len(ids), max(msg.round, 1))
         session.drafter.reset()
         session.cost = getattr(session.drafter, "cost", None)

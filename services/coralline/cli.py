@@ -116,7 +116,10 @@ def _serve(run) -> int:
 
     import torch
 
+    from coralline.threads import one_thread_here
+
     torch.set_num_threads(int(os.environ.get("CORALLINE_THREADS", "1")))
+    one_thread_here()  # the event loop's thread: the compute runs elsewhere (threads.py)
     logging.basicConfig(
         level=os.environ.get("CORALLINE_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

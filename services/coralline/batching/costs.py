@@ -121,7 +121,8 @@ def measure(
 
 def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
     """The cached table for this target and device when a quick probe agrees with it, else a
-    fresh measurement (then cached)."""
+    fresh measurement (then cached). Both run on the scheduler's thread, where its batches
+    run (what they cost on another thread can differ: threads.py)."""
     path = cache_file(scheduler.model, fingerprint)
     if path.exists() and not os.environ.get("CORALLINE_REMEASURE"):
         try:
@@ -129,9 +130,8 @@ def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
         except (ValueError, KeyError, OSError):
             cached = None  # a damaged cache is measured again
         if cached:
-            drift = _drift(
-                cached, measure(scheduler, totals=tuple(t for t in PROBE if t in cached))
-            )
+            probe = tuple(t for t in PROBE if t in cached)
+            drift = _drift(cached, scheduler.call(lambda: measure(scheduler, totals=probe)))
             if not drift:
                 return cached
             if log is not None:
@@ -142,7 +142,7 @@ def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
                 )
     if log is not None:
         log.info("measuring the batched forward's cost on this device (cached in %s)", path)
-    table = measure(scheduler)
+    table = scheduler.call(lambda: measure(scheduler))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

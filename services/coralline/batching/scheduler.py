@@ -30,7 +30,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -39,6 +41,7 @@ from coralline.batching.pool import KVPool, PoolFull
 from coralline.tree import TokenTree
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class BatchScheduler:
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._pending: list[_Work] = []
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # run by call()
         self._running: set[int] = set()  # slots in the batch in flight
         self._release_after: set[int] = set()  # slots freed during the batch in flight
         self._expected: set[int] = set()  # slots of the last batch, still held
@@ -156,11 +160,7 @@ class BatchScheduler:
             )
         work = _Work(item, tree)
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the batch scheduler is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="batch", daemon=True)
-                self._thread.start()
+            self._started()
             self._pending.append(work)
             self._cond.notify_all()
         work.done.wait()
@@ -169,6 +169,25 @@ class BatchScheduler:
         assert work.result is not None
         return work.result
 
+    def call(self, fn: Callable[[], R]) -> R:
+        """Run fn() on the scheduler's thread between two batches; -> its result (or raise its
+        exception). That thread is the one whose torch ops use every OpenMP thread (threads.py:
+        the serving threads use one), so work that must run as fast as a batch does, such as
+        measuring the forward's cost (costs.py), runs here."""
+        done: Future[R] = Future()
+        with self._cond:
+            self._started()
+            self._calls.append((fn, done))
+            self._cond.notify_all()
+        return done.result()
+
+    def _started(self) -> None:  # under self._cond
+        if self._closed:
+            raise RuntimeError("the batch scheduler is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="batch", daemon=True)
+            self._thread.start()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -176,6 +195,9 @@ class BatchScheduler:
                 w.error = RuntimeError("the batch scheduler is closed")
                 w.done.set()
             self._pending.clear()
+            for _, done in self._calls:
+                done.set_exception(RuntimeError("the batch scheduler is closed"))
+            self._calls.clear()
             self._cond.notify_all()
 
     def _ready(self) -> bool:
@@ -203,23 +225,36 @@ class BatchScheduler:
         wait_s = self.config.max_wait_ms / 1e3
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
+                while not self._pending and not self._calls and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
-                # the wait counts from when the scheduler is free: a forward queued while the
-                # last batch ran has not waited for the others yet
-                since = max(min(w.queued for w in self._pending), self._free_since)
-                deadline = since + wait_s
-                while not self._ready() and not self._closed:
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                if self._closed:
-                    return
-                batch = self._take()
-                self._running = {w.item.slot for w in batch}
+                if self._calls:
+                    call = self._calls.popleft()
+                else:
+                    call = None
+                    # the wait counts from when the scheduler is free: a forward queued while
+                    # the last batch ran has not waited for the others yet
+                    since = max(min(w.queued for w in self._pending), self._free_since)
+                    deadline = since + wait_s
+                    while not self._ready() and not self._closed:
+                        left = deadline - time.perf_counter()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    if self._closed:
+                        return
+                    batch = self._take()
+                    if not batch:  # their sessions left while the batch gathered
+                        continue
+                    self._running = {w.item.slot for w in batch}
+            if call is not None:
+                fn, done = call
+                try:
+                    done.set_result(fn())
+                except BaseException as exc:  # raised in the caller's thread
+                    done.set_exception(exc)
+                continue
             t0 = time.perf_counter()
             try:
                 results = ragged_forward(self.model, self.pool, [w.item for w in batch])

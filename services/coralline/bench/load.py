@@ -156,6 +156,7 @@ def _engine_plain(cfg, prompts, runner) -> dict:
     from coralline.batching.scheduler import BatchConfig, pooled
     from coralline.engine import Engine
     from coralline.sampling import SamplingParams
+    from coralline.threads import one_thread_here
 
     root = pooled(runner, BatchConfig(slots=max(cfg.concurrency) + 1))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
@@ -163,6 +164,7 @@ def _engine_plain(cfg, prompts, runner) -> dict:
 
     def serve(i: int, ids: list[int]) -> _Served:
         if not hasattr(local, "runner"):
+            one_thread_here()  # the scheduler's thread alone computes with a team (threads.py)
             local.runner = root.fork()
         r, s = _chunks_request(i, Engine(local.runner).generate(ids, params))
         local.runner.reset()
@@ -304,8 +306,10 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
     from coralline.bench import peers
     from coralline.bench.pipeline import _machine, _prompts
     from coralline.target import TargetConfig, TargetRunner
+    from coralline.threads import on_own_thread, one_thread_here
 
     torch.set_num_threads(cfg.threads)
+    one_thread_here()  # in-process methods compute on threads of their own (threads.py)
     runner = TargetRunner.load(TargetConfig(model=cfg.model))
     texts = [p for _, p in _prompts(runner.tokenizer, cfg.prompts)]
     prompts = [runner.encode(t) for t in texts]
@@ -329,8 +333,10 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
                 )
                 res["method"] = method
             elif method == "hf-batched":
-                res = peers.run_hf_batched(
-                    runner.model, prompts, list(cfg.concurrency), cfg.max_new_tokens
+                res = on_own_thread(
+                    lambda: peers.run_hf_batched(
+                        runner.model, prompts, list(cfg.concurrency), cfg.max_new_tokens
+                    )
                 )
                 res["method"] = method
             elif method == "engine-plain":

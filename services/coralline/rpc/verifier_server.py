@@ -68,6 +68,7 @@ from coralline.telemetry import tracing as tr
 from coralline.telemetry.metrics import VerifierMetrics
 from coralline.telemetry.tracing import Tracing
 from coralline.telemetry.verifier import SessionTelemetry
+from coralline.threads import one_thread_here
 
 log = logging.getLogger("coralline.verifier")
 
@@ -223,7 +224,12 @@ class VerifierCore:
         self.fingerprint = self.target.fingerprint
         self.store = MemorySessionStore(config.history)
         self.live: dict[str, _Live] = {}
-        self._pool = ThreadPoolExecutor(config.max_sessions + 1, thread_name_prefix="verify")
+        # batched: the sessions' threads sample and verify on one OpenMP thread, leaving the
+        # scheduler's thread the only one with a team (threads.py); serialised forwards run in them
+        init = one_thread_here if config.batching is not None else None
+        self._pool = ThreadPoolExecutor(
+            config.max_sessions + 1, thread_name_prefix="verify", initializer=init
+        )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
         self.on_evict = on_evict

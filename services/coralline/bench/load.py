@@ -12,6 +12,9 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
   verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, trees
                      sized by the load: the default `--speculation budget`) as processes,
                      clients through the SDK
+  verifier-plain     the same verifier process, every session asking for no drafter (plain
+                     decoding batched by the verifier): what speculation is measured against on
+                     the serving path
   verifier-coral-switch   the same with `--speculation adaptive`: plain rounds, without the
                      drafter, where speculation is predicted not to pay (batching/switch.py)
   verifier-coral-pipelined   the same with `coralline drafter --pipeline` (pre-drafting behind
@@ -50,6 +53,7 @@ METHODS = (
     "hf-batched",
     "engine-plain",
     "verifier-coral",
+    "verifier-plain",
     "verifier-coral-switch",
     "verifier-coral-pipelined",
     "stack-coral",
@@ -179,7 +183,7 @@ def _engine_plain(cfg, prompts, runner) -> dict:
     return {"method": "engine-plain", "points": points, "batches": sched.stats.__dict__}
 
 
-def _sdk(method: str, cfg, prompts, address: str) -> dict:
+def _sdk(method: str, cfg, prompts, address: str, drafter: str | None = None) -> dict:
     from coralline.client import Client
 
     local = threading.local()
@@ -187,7 +191,9 @@ def _sdk(method: str, cfg, prompts, address: str) -> dict:
     def serve(i: int, ids: list[int]) -> _Served:
         if not hasattr(local, "client"):
             local.client = Client(address, timeout=900)
-        chunks = local.client.stream(token_ids=ids, max_new_tokens=cfg.max_new_tokens)
+        chunks = local.client.stream(
+            token_ids=ids, max_new_tokens=cfg.max_new_tokens, drafter=drafter
+        )
         r, s = _chunks_request(i, chunks)
         if s is None:
             return _Served(r)
@@ -222,7 +228,9 @@ def _verifier_coral(cfg, prompts, method: str) -> dict:
             {"CORALLINE_THREADS": str(cfg.threads)},
         )  # fmt: skip
         verifier.wait_ready(600)
-        out = _sdk(method, cfg, prompts, verifier.address)
+        out = _sdk(
+            method, cfg, prompts, verifier.address, "none" if method == "verifier-plain" else None
+        )
         out["verifier_metrics"] = _batch_metrics(verifier.metrics_url)
         if pipelined:
             out["speculation_cache"] = _cache_metrics(drafter.metrics_url)
@@ -341,7 +349,7 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
                 res["method"] = method
             elif method == "engine-plain":
                 res = _engine_plain(cfg, prompts, runner)
-            elif method.startswith("verifier-coral"):
+            elif method.startswith("verifier-"):
                 res = _verifier_coral(cfg, prompts, method)
             else:
                 res = _stack_coral(cfg, prompts)

@@ -364,7 +364,7 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
         "bench": "load",
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
-        "machine": _machine(),
+        "machine": {**_machine(), "threads": cfg.threads, "server_threads": cfg.threads},
         "config": {
             "prompts": cfg.prompts,
             "max_new_tokens": cfg.max_new_tokens,

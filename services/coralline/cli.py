@@ -215,6 +215,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
         batching=None if args.no_batching else _batch_config(args),
         adaptive_budget=args.speculation != "always",
         plain_switch=args.speculation == "adaptive",
+        measured_switch=args.speculation == "measured",
         server=_server_options(args),
     )
     return _serve(partial(serve, config))
@@ -786,12 +787,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bt.add_argument(
         "--speculation",
-        choices=["adaptive", "budget", "always"],
+        choices=["adaptive", "budget", "measured", "always"],
         default="budget",
         help="under load (batching): 'budget' (default) sizes each round's tree by the batch's "
-        "cost, down to the root alone; 'adaptive' also decodes a session plainly without asking "
-        "the drafter while speculation is predicted slower (experimental: slower on the 2-core "
-        "CPU measured, docs/batching.md); 'always' leaves tree sizes to the drafter's own model",
+        "cost, down to the root alone; 'measured' also has every session speculate or decode "
+        "plainly together, whichever gave more tokens/s at this load when measured; "
+        "'adaptive' decodes a session plainly without asking the drafter while speculation is "
+        "predicted slower (experimental: slower on the 2-core CPU measured, docs/batching.md); "
+        "'always' leaves tree sizes to the drafter's own model",
     )
     vr.set_defaults(fn=_cmd_verifier)
 

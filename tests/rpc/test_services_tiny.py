@@ -343,3 +343,24 @@ def test_plain_rounds_under_load_reach_the_drafter_service_as_one_commit(
         assert summary.fallback_rounds == 0 and summary.drafter_reconnects == 0
         assert summary.plain_rounds == summary.rounds - (summary.rounds + 2) // 3 > 0
         assert tiny_stack.last_nodes[1:3] == [1, 1]  # rounds 2 and 3 verified the root alone
+
+
+def test_the_measured_switch_decides_for_the_sessions_and_loses_nothing(
+    tiny_stack, tiny_folders, monkeypatch
+):
+    """`--speculation measured` (batching/measured.py): the verifier's one switch is every
+    session's `speculate` hook. Here its windows are a few ms long and the load is said to be 4
+    sessions, so one generation runs through both modes and the switch's measurements; the
+    greedy output is still the target's own."""
+    from coralline.batching.measured import MeasuredConfig, MeasuredSwitch
+
+    fast = MeasuredConfig(window_s=0.002, settle_s=0.0, min_tokens=1, probe_every=1)
+    switch = MeasuredSwitch(lambda: 4, fast)
+    monkeypatch.setattr(tiny_stack.core, "measured", switch)
+    target = TargetRunner.load(TargetConfig(model=tiny_folders[0]))
+    want = [t for c in Engine(target).generate(PROMPT, SamplingParams(max_new_tokens=40))
+            for t in c.token_ids]  # fmt: skip
+    got, summary = _verify(tiny_stack, SamplingParams(max_new_tokens=40))
+    assert got == want
+    assert 0 < summary.plain_rounds < summary.rounds and summary.fallback_rounds == 0
+    assert switch.windows > 0 and {lvl for lvl, _ in switch.rates} == {4}

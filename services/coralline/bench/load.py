@@ -17,6 +17,9 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
                      the serving path
   verifier-coral-switch   the same with `--speculation adaptive`: plain rounds, without the
                      drafter, where speculation is predicted not to pay (batching/switch.py)
+  verifier-coral-measured   the same with `--speculation measured`: every session speculates
+                     or decodes plainly together, whichever measured faster at the load
+                     (batching/measured.py)
   verifier-coral-pipelined   the same with `coralline drafter --pipeline` (pre-drafting behind
                      a speculation cache); reports its hit rate and the drafting time hidden
   stack-coral        the same through the whole stack (`coralline serve`: Ray Serve router,
@@ -55,6 +58,7 @@ METHODS = (
     "verifier-coral",
     "verifier-plain",
     "verifier-coral-switch",
+    "verifier-coral-measured",
     "verifier-coral-pipelined",
     "stack-coral",
 )
@@ -210,7 +214,9 @@ def _verifier_coral(cfg, prompts, method: str) -> dict:
     from coralline.rpc.process import ServerProcess
 
     pipelined = method == "verifier-coral-pipelined"
-    speculation = "adaptive" if method == "verifier-coral-switch" else "budget"
+    speculation = {"verifier-coral-switch": "adaptive", "verifier-coral-measured": "measured"}.get(
+        method, "budget"
+    )
     log_dir = Path(tempfile.mkdtemp(prefix="coralline-load-bench-"))
     dargs = ["--model", cfg.model, "--metrics-port", "0", *(["--pipeline"] if pipelined else [])]
     if cfg.checkpoint:

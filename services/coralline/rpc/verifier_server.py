@@ -37,6 +37,7 @@ import grpc
 
 import coralline
 from coralline.batching.costs import LoadPolicy, load_or_measure
+from coralline.batching.measured import MeasuredSwitch
 from coralline.batching.scheduler import BatchConfig, pooled
 from coralline.batching.switch import SpeculationSwitch
 from coralline.conversation import messages_ids, next_turn_ids
@@ -103,6 +104,9 @@ class VerifierServiceConfig:
     plain_switch: bool = False  # with adaptive_budget: a session decodes plainly, without asking
     # the drafter, while speculation is predicted slower at the current load (batching/switch.py;
     # off by default: on the 2-core CPU measured it cost 7-35% from 2 to 8 sessions)
+    measured_switch: bool = False  # with batching: every session speculates or decodes plainly
+    # together, whichever gave more tokens/s at this load level when measured
+    # (batching/measured.py)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -211,6 +215,9 @@ class VerifierCore:
                 self.load_policy = LoadPolicy(table)
         else:
             self.target.lock = CountingLock()  # forks share it: forwards are serialised
+        self.measured: MeasuredSwitch | None = None
+        if config.batching is not None and config.measured_switch:
+            self.measured = MeasuredSwitch(self.target.kv.scheduler.sessions)
         self.tracing = tracing or Tracing.from_env(tr.SERVICES["verifier"])
         self.metrics = None
         if config.metrics_port is not None:
@@ -371,7 +378,9 @@ class VerifierCore:
                 tel.remote = remote
                 if tel.tracing is not None:
                     engine.on_round_start = tel.round_started
-            if remote is not None and self.load_policy is not None and cfg.plain_switch:
+            if remote is not None and self.measured is not None:
+                engine.speculate = self.measured
+            elif remote is not None and self.load_policy is not None and cfg.plain_switch:
                 sched, policy = self.target.kv.scheduler, self.load_policy
                 engine.speculate = SpeculationSwitch(
                     policy, sched.sessions, slowdown=lambda: policy.slowdown(list(sched.recent))

@@ -1,0 +1,120 @@
+"""Speculate or not, for every session of a verifier at once, by measured throughput.
+
+Where the drafter shares the verifier's CPU, speculation pays at a low load and stops paying at
+a higher one: on the 2-core machine here, CORAL through the verifier was 1.47x plain decoding
+through the same verifier at one session and 0.59x at 16 (docs/batching.md). Where that point
+lies depends on the machine, the drafter and the prompts, and predicting it from costs failed
+(switch.py: off by default, slower where measured). This measures it instead:
+
+- Time is cut into windows of `window_s`. In a window every session of the verifier either
+  speculates or decodes plainly (the engine's `speculate` hook, shared by the sessions), and the
+  window's aggregate committed tokens per second is recorded for its load level: the sessions
+  sharing the forwards, rounded up to a power of two (2, 4, 8, 16, ...).
+- At each level the mode with the better running figure runs. The other one gets a window
+  every `probe_every` windows, so its figure stays current. A mode not yet measured at a level
+  is tried first, speculation before plain decoding.
+- A window does not count when its load level changed, when it committed fewer than
+  `min_tokens`, or for its first `settle_s` after a change of mode (rounds begun in the other
+  mode end then).
+- One session (level 1) always speculates, so a lone session's rounds never depend on load.
+
+Lossless either way: a plain round is plain decoding with the same keyed coins, and the drafter
+is told what it missed at its next round (engine.py, as for switch.py).
+
+Pure apart from the clock it is given; knows nothing of gRPC, drafters or the scheduler.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MeasuredConfig:
+    window_s: float = 1.0  # one measurement window (SmolLM2 on 2 CPU cores: ~40-150 tokens)
+    probe_every: int = 6  # windows in the better mode between two windows of the other
+    min_tokens: int = 16  # a window that committed fewer does not count
+    settle_s: float = 0.25  # not counted after a change of mode: rounds begun before it
+    smoothing: float = 0.5  # weight of the newest window in a level's running figure
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0 or self.settle_s < 0 or self.settle_s >= self.window_s:
+            raise ValueError("window_s > 0 and 0 <= settle_s < window_s required")
+        if self.probe_every < 1 or self.min_tokens < 1 or not 0 < self.smoothing <= 1:
+            raise ValueError("probe_every >= 1, min_tokens >= 1 and 0 < smoothing <= 1 required")
+
+
+def level(sessions: int) -> int:
+    """The load level of `sessions` sessions: 1, or the power of two at or above it."""
+    return 1 if sessions <= 1 else 1 << (sessions - 1).bit_length()
+
+
+class MeasuredSwitch:
+    """The verifier's choice for all its sessions; call it as the engine's `speculate` hook."""
+
+    def __init__(
+        self,
+        sessions: Callable[[], int],
+        config: MeasuredConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """sessions(): the sessions sharing the forwards now (BatchScheduler.sessions)."""
+        self.sessions = sessions
+        self.config = config or MeasuredConfig()
+        self.clock = clock
+        self.rates: dict[tuple[int, bool], float] = {}  # (level, speculating) -> tokens / s
+        self.speculating = True
+        self.windows = 0  # windows counted
+        self.switches = 0
+        self._lock = threading.Lock()
+        self._since_probe: dict[int, int] = {}  # level -> windows in its better mode since
+        # the other's last window
+        now = clock()
+        self._start = self._count_from = now
+        self._tokens = 0
+        self._levels: set[int] = set()
+
+    def __call__(self, last, now: float | None = None) -> bool:
+        """Speculate this round? `last`: this session's previous RoundStats (None: its first)."""
+        now = self.clock() if now is None else now
+        lvl = level(self.sessions())
+        with self._lock:
+            if last is not None and now >= self._count_from:
+                self._tokens += 1 + last.accepted  # what that round committed
+            if now - self._start >= self.config.window_s:
+                self._close(now, lvl)
+            self._levels.add(lvl)
+            return self.speculating or lvl == 1
+
+    def _close(self, now: float, lvl: int) -> None:  # under self._lock; lvl: the load now
+        cfg = self.config
+        seconds = now - self._count_from
+        seen = next(iter(self._levels)) if len(self._levels) == 1 else 0  # 0: it changed
+        if seen > 1 and self._tokens >= cfg.min_tokens and seconds > 0:
+            key, rate = (seen, self.speculating), self._tokens / seconds
+            old = self.rates.get(key)
+            self.rates[key] = rate if old is None else old + cfg.smoothing * (rate - old)
+            self.windows += 1
+        want = self._next(lvl)
+        changed = want != self.speculating
+        self.switches += changed
+        self.speculating = want
+        self._start, self._tokens, self._levels = now, 0, set()
+        self._count_from = now + (cfg.settle_s if changed else 0.0)
+
+    def _next(self, lvl: int) -> bool:
+        spec, plain = self.rates.get((lvl, True)), self.rates.get((lvl, False))
+        if lvl == 1 or spec is None:
+            return True
+        if plain is None:
+            return False
+        better = spec >= plain
+        run = self._since_probe.get(lvl, 0)
+        if run >= self.config.probe_every:
+            self._since_probe[lvl] = 0
+            return not better
+        self._since_probe[lvl] = run + 1
+        return better

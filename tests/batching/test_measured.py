@@ -1,0 +1,99 @@
+"""batching/measured.py: the verifier-wide choice between speculation and plain decoding by the
+aggregate tokens/s measured at each load level, on a simulated clock."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from coralline.batching.measured import MeasuredConfig, MeasuredSwitch, level
+
+
+@dataclass
+class Round:  # the part of engine.RoundStats the switch reads
+    accepted: int
+
+
+class Sim:
+    """Rounds on a simulated clock: each mode commits `tokens` per round of `seconds` (per
+    session); `sessions` share the verifier."""
+
+    def __init__(self, switch: MeasuredSwitch, clock: list[float], sessions: list[int]):
+        self.switch, self.clock, self.sessions = switch, clock, sessions
+
+    def run(self, seconds: float, spec=(3, 0.03), plain=(1, 0.006)) -> list[bool]:
+        """Round-robin over the sessions for `seconds`; -> the mode of each round."""
+        end, last, out = self.clock[0] + seconds, None, []
+        while self.clock[0] < end:
+            mode = self.switch(last)
+            tokens, dt = spec if mode else plain
+            self.clock[0] += dt / self.sessions[0]  # the sessions' rounds interleave
+            last = Round(accepted=tokens - 1)
+            out.append(mode)
+        return out
+
+
+def make(sessions: int, **kw):
+    clock, n = [0.0], [sessions]
+    cfg = MeasuredConfig(**{"window_s": 1.0, "settle_s": 0.1, **kw})
+    switch = MeasuredSwitch(lambda: n[0], cfg, clock=lambda: clock[0])
+    return switch, Sim(switch, clock, n)
+
+
+def test_levels_are_powers_of_two():
+    assert [level(s) for s in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 1, 2, 4, 4, 8, 8, 16, 16, 32]
+
+
+def test_one_session_always_speculates_even_where_plain_is_faster():
+    switch, sim = make(1)
+    assert all(sim.run(20.0, spec=(2, 0.05), plain=(1, 0.001)))
+    assert switch.rates == {} and switch.switches == 0
+
+
+def test_plain_wins_where_it_is_faster_and_speculation_is_probed():
+    # 16 sessions: speculation 3 tokens / 30 ms per session = 100 tok/s per session,
+    # plain 1 token / 6 ms = 167: plain should run most of the time
+    switch, sim = make(16, probe_every=4)
+    modes = sim.run(30.0)
+    assert set(switch.rates) == {(16, True), (16, False)}
+    assert switch.rates[(16, False)] > switch.rates[(16, True)]
+    tail = modes[len(modes) // 3 :]
+    assert sum(not m for m in tail) / len(tail) > 0.6  # mostly plain once both are measured
+    assert any(tail)  # speculation still gets its probe windows
+    # each figure is the measured rate: 16 sessions x 1 token / 6 ms, x 3 tokens / 30 ms
+    assert switch.rates[(16, False)] == pytest.approx(16 / 0.006, rel=0.05)
+    assert switch.rates[(16, True)] == pytest.approx(16 * 3 / 0.03, rel=0.05)
+
+
+def test_speculation_stays_where_it_pays():
+    switch, sim = make(4, probe_every=4)
+    modes = sim.run(30.0, spec=(3, 0.012), plain=(1, 0.008))  # 250 vs 125 tok/s per session
+    tail = modes[len(modes) // 3 :]
+    assert sum(tail) / len(tail) > 0.6 and not all(tail)  # mostly speculating, plain probed
+    assert switch.rates[(4, True)] > switch.rates[(4, False)]
+
+
+def test_levels_are_measured_apart_and_a_window_across_levels_does_not_count():
+    switch, sim = make(2)
+    sim.run(5.3)  # windows end at ~1, 2, .., 5 s
+    counted = switch.windows
+    assert counted >= 4 and {lvl for lvl, _ in switch.rates} == {2}
+    sim.sessions[0] = 3  # level 4 from the middle of the window that ends at ~6 s
+    sim.run(1.1)
+    assert switch.windows == counted  # that window did not count
+    sim.run(5.0)
+    assert {lvl for lvl, _ in switch.rates} == {2, 4}
+
+
+def test_a_quiet_window_does_not_count():
+    switch, sim = make(8, min_tokens=10_000)
+    assert all(sim.run(10.0))  # nothing measured: it keeps speculating
+    assert switch.windows == 0 and switch.rates == {}
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="window_s"):
+        MeasuredConfig(window_s=0)
+    with pytest.raises(ValueError, match="settle_s"):
+        MeasuredConfig(window_s=1, settle_s=1)
+    with pytest.raises(ValueError, match="probe_every"):
+        MeasuredConfig(probe_every=0)

@@ -3,6 +3,7 @@ test_engine_lossless.py) run through the drafter and verifier services on a tiny
 the law of the first 2 generated tokens over 1200 seeds (T = 0.7, top-p 0.8) matches the
 target's exact law."""
 
+import dataclasses
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,7 +38,13 @@ def _sample(stack, params: SamplingParams, seed: int) -> tuple[tuple[int, ...], 
 @pytest.mark.parametrize(
     "params", [SamplingParams(temperature=0.7, top_p=0.8)], ids=["T0.7-topp0.8"]
 )  # the warped case (T = 1 is covered in-process by test_engine_lossless.py; ~70 s per case)
-def test_sampling_through_the_services_matches_the_target_law(tiny_stack, params):
+def test_sampling_through_the_services_matches_the_target_law(tiny_stack, params, monkeypatch):
+    # the law is what is tested here, not the drafter's deadline: the shared stack's 0.5 s
+    # round deadline (short for its hang tests) was missed by several sessions at once in two
+    # CI runs, late in a long pytest process (a stall of the whole process, not of one
+    # session), which turned those rounds into plain fallbacks; give the drafter time
+    patient = dataclasses.replace(tiny_stack.core.config, round_timeout_s=5.0, open_timeout_s=10.0)
+    monkeypatch.setattr(tiny_stack.core, "config", patient)
     with ThreadPoolExecutor(8) as pool:  # concurrent sessions, batched as in serving
         results = list(pool.map(lambda s: _sample(tiny_stack, params, s), range(RUNS)))
     counts = Counter(r[0] for r in results)

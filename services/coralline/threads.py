@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 R = TypeVar("R")
@@ -63,20 +63,8 @@ def one_thread_here() -> bool:
 
 def on_own_thread(fn: Callable[[], R]) -> R:
     """fn() on a fresh thread with torch's full thread count; -> its result (or raise its
-    exception). The thread's OpenMP team ends with it, so a caller that keeps one thread
-    (`one_thread_here`) can still run a multi-threaded job without leaving a team behind."""
-    out: list = []
-
-    def run() -> None:
-        try:
-            out.append((True, fn()))
-        except BaseException as exc:  # raised in the caller's thread
-            out.append((False, exc))
-
-    thread = threading.Thread(target=run, name="compute")
-    thread.start()
-    thread.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value
+    exception). The thread's OpenMP team ends with it (the pool's shutdown joins it), so a
+    caller that keeps one thread (`one_thread_here`) can still run a multi-threaded job
+    without leaving a team behind."""
+    with ThreadPoolExecutor(1, thread_name_prefix="compute") as pool:
+        return pool.submit(fn).result()

@@ -71,6 +71,21 @@ def test_eos_inside_an_accepted_path_truncates_the_round():
     assert target.num_cached == len(ids) + len(got) - 1
 
 
+def test_ignore_eos_goes_on_past_eos_with_the_targets_own_tokens():
+    target = tiny_runner(vocab=16, seed=5, scale=4.0)
+    ids = [2, 4, 6]
+    reference = _hf_greedy(target, ids, 20)  # the tiny model has no EOS: its whole continuation
+    target.eos_token_ids = frozenset({reference[4]})
+    drafter = ModelDrafter(TargetRunner(target.model, None), ModelDrafterConfig(branching=(1,) * 8))
+    for d in (None, drafter):  # plain, and EOS inside accepted paths
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+        chunks = list(Engine(target, d).generate(ids, params))
+        assert [t for c in chunks for t in c.token_ids] == reference
+        assert chunks[-1].summary.finish_reason == "length"
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos=1)
+
+
 def test_max_new_tokens_and_summary():
     target = tiny_runner(vocab=16, seed=6, scale=4.0)
     drafter = ModelDrafter(TargetRunner(target.model, None), ModelDrafterConfig(branching=(1,) * 4))

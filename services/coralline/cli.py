@@ -25,6 +25,7 @@ def _params(args: argparse.Namespace):
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -68,6 +69,7 @@ def _remote_chunks(args: argparse.Namespace):
                 stop=tuple(args.stop or ()),
                 drafter=args.drafter,
                 verifier=args.verifier,
+                ignore_eos=args.ignore_eos,
             )
     except CorallineError as e:
         raise ValueError(f"{args.endpoint}: {e}") from None
@@ -631,6 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="go on past an end-of-sequence token to --max-new-tokens (benchmarks)",
+    )
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
     g.add_argument(

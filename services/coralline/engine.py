@@ -225,7 +225,7 @@ class Engine:
             features = out.features[list(result.accepted)]  # [len(accepted), d]
             finish = None
             for k, tok in enumerate(new):
-                if tok in target.eos_token_ids:
+                if tok in target.eos_token_ids and not params.ignore_eos:
                     new, finish = new[: k + 1], "eos"
                     break
             left = params.max_new_tokens - generated

@@ -41,6 +41,10 @@ class SamplingParams:
     seed: int | None = None  # None = fresh entropy; an int reproduces the generation exactly
     max_new_tokens: int = 256  # a chat-sized answer; the context window still bounds it
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded text (not included)
+    ignore_eos: bool = False  # True: an end-of-sequence token is emitted like any other and the
+    # generation goes on (to max_new_tokens, a stop string or the context window); the law of
+    # every token is unchanged. What benchmarks use so every request does the same work (vLLM's
+    # `ignore_eos`)
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -66,6 +70,8 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

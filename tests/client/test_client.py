@@ -315,7 +315,7 @@ def test_text_request_sets_only_what_was_given(fake: ServerThread, client: cc.Cl
     assert req.WhichOneof("prompt") == "text" and req.text == "hi"
     assert req.HasField("chat_template") and req.chat_template is True
     assert not req.sampling.HasField("top_p")
-    assert not req.sampling.HasField("seed")
+    assert not req.sampling.HasField("seed") and req.sampling.ignore_eos is False
     assert not req.HasField("max_new_tokens")
     assert (req.sampling.temperature, req.sampling.top_k) == (0.0, 0)
     assert (list(req.stop), req.drafter, req.verifier, req.session_id) == ([], "", "", "")
@@ -341,6 +341,7 @@ def test_token_id_request_maps_every_field(fake: ServerThread) -> None:
             drafter="ngram",
             verifier="traversal",
             session_id="mine",
+            ignore_eos=True,
         )
     assert r.session_id == "mine"
     (req,) = fake.servicer.requests
@@ -351,6 +352,7 @@ def test_token_id_request_maps_every_field(fake: ServerThread) -> None:
     assert req.sampling.temperature == 0.7 and req.sampling.top_k == 20
     assert req.sampling.HasField("top_p") and req.sampling.top_p == 0.9
     assert req.sampling.HasField("seed") and req.sampling.seed == 7
+    assert req.sampling.ignore_eos is True
     assert list(req.stop) == ["\n\n", "END"]
     assert (req.drafter, req.verifier, req.session_id) == ("ngram", "traversal", "mine")
     assert fake.servicer.metadata[0]["authorization"] == "Bearer s3cret"

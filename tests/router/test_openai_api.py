@@ -47,6 +47,7 @@ def test_chat_request_maps_every_supported_field():
         stream=True,
         stream_options={"include_usage": True},
         drafter="none",
+        ignore_eos=True,  # vLLM's extension
         user="someone",  # accepted, changes nothing
         frequency_penalty=0,  # its default: accepted
     )
@@ -58,13 +59,14 @@ def test_chat_request_maps_every_supported_field():
     ]
     assert r.max_new_tokens == 7 and list(r.stop) == ["\n", "END"] and r.drafter == "none"
     assert r.sampling.temperature == 0.5 and r.sampling.top_p == pytest.approx(0.9)
-    assert r.sampling.seed == 42
+    assert r.sampling.seed == 42 and r.sampling.ignore_eos is True
 
 
 def test_defaults_follow_openai():
     p = _chat()
     assert p.request.sampling.temperature == 1.0  # OpenAI's default temperature
     assert not p.request.sampling.HasField("top_p") and not p.request.sampling.HasField("seed")
+    assert p.request.sampling.ignore_eos is False
     assert p.request.max_new_tokens == oa.DEFAULT_MAX_TOKENS[oa.CHAT]
     assert not p.stream and not p.include_usage
     c = oa.parse({"model": MODEL, "prompt": "x"}, oa.COMPLETION, MODELS)
@@ -122,6 +124,7 @@ def test_completion_prompt_forms():
         ({"temprature": 0}, "temprature"),  # a typo is not silently ignored
         ({"echo": True}, "echo"),  # a completions-only field
         ({"drafter": 3}, "drafter"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"content": "no role"}]}, "messages[0]"),

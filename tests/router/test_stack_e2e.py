@@ -85,9 +85,13 @@ def engine_ref():
     target = TargetRunner.load()
     engine = Engine(target, make_drafter("coral", target))
 
-    def run(ids, max_new_tokens, temperature=0.0, seed=None, top_p=1.0):
+    def run(ids, max_new_tokens, temperature=0.0, seed=None, top_p=1.0, ignore_eos=False):
         params = SamplingParams(
-            temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, top_p=top_p
+            temperature=temperature,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            top_p=top_p,
+            ignore_eos=ignore_eos,
         )
         return generate_ids(engine, ids, params)
 
@@ -138,6 +142,11 @@ def test_greedy_and_sampled_identical_to_the_engine(stack, engine_ref):
         s = c.generate(token_ids=ids, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=11)
         assert s.token_ids == engine_ref(ids, 40, 0.8, 11, 0.9)
         assert s.summary.seed == 11
+        # ignore_eos reaches the verifier through the router: on past EOS (at ~12 tokens)
+        e = c.generate(PROMPTS[0], max_new_tokens=24, ignore_eos=True)
+        want = engine_ref(engine_ref.encode(PROMPTS[0]), 24, ignore_eos=True)
+        assert e.token_ids == want and e.summary.finish_reason == "length"
+        assert engine_ref.tokenizer.eos_token_id in want[:-1]
         assert not _non_loopback_listeners()  # Ray, Serve, the front, the workers
         info = c.get_session(r.session_id)  # through either replica: the record is in Redis
         assert info.state == "finished" and list(info.token_ids) == r.token_ids

@@ -81,3 +81,27 @@ def test_concurrent_sessions_through_batched_and_pipelined_services(services, sm
     assert _metric(verifier.metrics_url, "coralline:batch_sessions_sum") > _metric(
         verifier.metrics_url, "coralline:batch_sessions_count"
     )
+
+
+@pytest.mark.slow
+def test_ignore_eos_goes_past_eos_through_the_services(services, smollm2):
+    """`ignore_eos`: the generation goes on past the target's EOS to max_new_tokens (what the
+    load bench asks of every method), still the target's own greedy tokens."""
+    _, verifier = services
+    prompts = PROMPTS[:2]  # their greedy answers end with EOS within 40 tokens
+    params = SamplingParams(max_new_tokens=56, ignore_eos=True)
+    want = [generate_ids(Engine(smollm2), smollm2.encode(p), params) for p in prompts]
+    assert all(len(w) == 56 and set(w[:-1]) & smollm2.eos_token_ids for w in want)
+    got: list = [None] * len(prompts)
+
+    def run(k: int) -> None:
+        with Client(verifier.address, timeout=300) as client:
+            got[k] = client.generate(prompts[k], max_new_tokens=56, ignore_eos=True)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert [r.token_ids for r in got] == want
+    assert {r.finish_reason for r in got} == {"length"}

@@ -28,9 +28,10 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
 Per point: aggregate tok/s, mean per-session tok/s, p50 / p99 inter-token latency (a chunk of
 several tokens counts its gap once, as vLLM's coalesced outputs do), TTFT p50, acceptance length
 and the share of plain rounds (coralline), and the outputs (checked against each other: greedy
-outputs of every method should agree; disagreements are counted, not hidden). The peers run
-with EOS ignored (exactly max_new_tokens); coralline stops at EOS, so its token counts are
-reported per point.
+outputs of every method should agree; disagreements are counted, not hidden). Every method runs
+with EOS ignored (vLLM's `ignore_eos`, coralline's `SamplingParams.ignore_eos`), so every
+request makes exactly max_new_tokens tokens and every method does the same work; the token
+counts are reported per point.
 Methods run one after the other on the same machine in one run; figures are for orientation
 (2 shared cores here: every service and the client compete for them).
 
@@ -167,7 +168,7 @@ def _engine_plain(cfg, prompts, runner) -> dict:
     from coralline.threads import one_thread_here
 
     root = pooled(runner, BatchConfig(slots=max(cfg.concurrency) + 1))
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
     local = threading.local()
 
     def serve(i: int, ids: list[int]) -> _Served:
@@ -196,7 +197,7 @@ def _sdk(method: str, cfg, prompts, address: str, drafter: str | None = None) ->
         if not hasattr(local, "client"):
             local.client = Client(address, timeout=900)
         chunks = local.client.stream(
-            token_ids=ids, max_new_tokens=cfg.max_new_tokens, drafter=drafter
+            token_ids=ids, max_new_tokens=cfg.max_new_tokens, drafter=drafter, ignore_eos=True
         )
         r, s = _chunks_request(i, chunks)
         if s is None:
@@ -385,8 +386,8 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
 
 
 def _agreement(results: list[dict], n: int) -> None:
-    """Per method: how many outputs equal hf-batched's (or the first method's) on the common
-    prefix (coralline stops at EOS; the peers do not)."""
+    """Per method: how many outputs equal hf-batched's (or the first method's), compared on
+    their common prefix (every method runs with EOS ignored, so that is the whole output)."""
     ref = next((r for r in results if r["method"] == "hf-batched"), results[0] if results else None)
     if ref is None or not ref["points"]:
         return

@@ -108,12 +108,13 @@ class AsyncClient:
         verifier: str | None = None,
         session_id: str | None = None,
         continue_session: bool = False,
+        ignore_eos: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> GenerationResult:
         """Generate and return the whole result (see Client.generate)."""
         request = _common.build_request(
             prompt, token_ids, chat_template, max_new_tokens, temperature, top_k, top_p, seed,
-            stop, drafter, verifier, session_id, continue_session,
+            stop, drafter, verifier, session_id, continue_session, ignore_eos,
         )  # fmt: skip
         collector = _common.Collector()
         stream = self._stream(request, _common.resolve_timeout(timeout, self._settings))
@@ -140,6 +141,7 @@ class AsyncClient:
         verifier: str | None = None,
         session_id: str | None = None,
         continue_session: bool = False,
+        ignore_eos: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> AsyncIterator[Chunk]:
         """An async iterator of the Chunks (see Client.stream): `async for c in client.stream(..)`.
@@ -148,7 +150,7 @@ class AsyncClient:
         To cancel promptly when leaving the loop early, close it (contextlib.aclosing)."""
         request = _common.build_request(
             prompt, token_ids, chat_template, max_new_tokens, temperature, top_k, top_p, seed,
-            stop, drafter, verifier, session_id, continue_session,
+            stop, drafter, verifier, session_id, continue_session, ignore_eos,
         )  # fmt: skip
         return self._stream(request, _common.resolve_timeout(timeout, self._settings))
 

@@ -176,6 +176,7 @@ def build_request(
     verifier: str | None,
     session_id: str | None,
     continue_session: bool = False,
+    ignore_eos: bool = False,
 ) -> generation_pb2.GenerateRequest:
     """The GenerateRequest for the SDK's keyword arguments; optional fields only when given.
 
@@ -218,6 +219,9 @@ def build_request(
         req.sampling.top_p = float(top_p)
     if seed is not None:
         req.sampling.seed = int(seed)
+    if not isinstance(ignore_eos, bool):
+        raise TypeError(f"ignore_eos must be a bool, got {type(ignore_eos).__name__}")
+    req.sampling.ignore_eos = ignore_eos
     if max_new_tokens is not None:
         req.max_new_tokens = int(max_new_tokens)
     req.stop.extend(stop)

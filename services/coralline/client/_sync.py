@@ -107,6 +107,7 @@ class Client:
         verifier: str | None = None,
         session_id: str | None = None,
         continue_session: bool = False,
+        ignore_eos: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> GenerationResult:
         """Generate from a text prompt or token ids and return the whole result.
@@ -120,11 +121,14 @@ class Client:
         with the `session_id` of a finished session continues that conversation: `prompt` is
         the next user message (or `token_ids` the ids appended); the server holding the
         conversation's KV cache prefills only the new tokens (`summary.cached_prompt_tokens`).
+        `ignore_eos=True` goes on past an end-of-sequence token (emitted like any other) to
+        max_new_tokens, a stop string or the context window, as vLLM's `ignore_eos` (for
+        benchmarks: every request does the same work; the law of each token is unchanged).
         Raises a CorallineError subclass on failure.
         """
         request = _common.build_request(
             prompt, token_ids, chat_template, max_new_tokens, temperature, top_k, top_p, seed,
-            stop, drafter, verifier, session_id, continue_session,
+            stop, drafter, verifier, session_id, continue_session, ignore_eos,
         )  # fmt: skip
         collector = _common.Collector()
         for chunk in self._stream(request, _common.resolve_timeout(timeout, self._settings)):
@@ -147,6 +151,7 @@ class Client:
         verifier: str | None = None,
         session_id: str | None = None,
         continue_session: bool = False,
+        ignore_eos: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> Iterator[Chunk]:
         """Like generate(), but yields one Chunk per round as it arrives (the last one carries
@@ -155,7 +160,7 @@ class Client:
         retried (a retry would repeat tokens)."""
         request = _common.build_request(
             prompt, token_ids, chat_template, max_new_tokens, temperature, top_k, top_p, seed,
-            stop, drafter, verifier, session_id, continue_session,
+            stop, drafter, verifier, session_id, continue_session, ignore_eos,
         )  # fmt: skip
         return self._stream(request, _common.resolve_timeout(timeout, self._settings))
 

@@ -251,6 +251,7 @@ class RouterCore:
             "seed": params.seed,
             "max_new_tokens": params.max_new_tokens,
             "stop": list(params.stop),
+            "ignore_eos": params.ignore_eos,
         }
         sid = request.session_id
         if request.continue_session:

@@ -9,7 +9,8 @@ the table): `messages` (rendered with the target's chat template by the router) 
 change the output and are not supported (penalties, logit_bias, logprobs, tools, a JSON
 response format, n > 1, ...) are refused with 400 naming the field, as are unknown fields
 (OpenAI does the same); fields that change nothing (user, metadata, store, ...) are accepted.
-Extensions: `drafter` and `verifier` pick the speculation (as GenerateRequest does), and every
+Extensions: `drafter` and `verifier` pick the speculation (as GenerateRequest does),
+`ignore_eos` (as vLLM's: an end-of-sequence token does not end the generation), and every
 answer carries `spec_decode` (rounds, acceptance length, drafted / accepted tokens), like vLLM's
 per-request speculative decoding metrics, plus the coralline `session_id`.
 
@@ -60,7 +61,7 @@ _OFF: dict[str, tuple] = {
 }
 _COMMON = frozenset(
     {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
-     "stream_options", "drafter", "verifier"}
+     "stream_options", "drafter", "verifier", "ignore_eos"}
 )  # fmt: skip
 _FIELDS = {
     CHAT: _COMMON | {"messages", "max_completion_tokens"},
@@ -331,6 +332,11 @@ def parse(body: object, kind: str, models: tuple[str, ...]) -> Parsed:
             if not isinstance(value, str):
                 raise bad(f"{name} must be a string", name)
             setattr(req, name, value)
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None:
+        if not isinstance(ignore_eos, bool):
+            raise bad("ignore_eos must be a boolean", "ignore_eos")
+        req.sampling.ignore_eos = ignore_eos
     return Parsed(kind, model, req, bool(stream), include_usage, prompt_tokens)
 
 

@@ -142,6 +142,7 @@ def sampling_to_pb(
         msg.top_p = float(params.top_p)
     if params.seed is not None:
         msg.seed = int(params.seed)
+    msg.ignore_eos = bool(params.ignore_eos)
     return msg
 
 
@@ -161,6 +162,7 @@ def sampling_from_pb(
         seed=seed,
         max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens),
         stop=tuple(stop),
+        ignore_eos=bool(msg.ignore_eos),
     )
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from coralline.draft.registry import DRAFTERS
 
+SPECULATION = ("budget", "measured", "adaptive", "always")  # coralline verifier --speculation
+
 
 def _params(args: argparse.Namespace):
     from coralline.sampling import SamplingParams
@@ -236,15 +238,23 @@ def _batch_config(args: argparse.Namespace):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from coralline.router.app import ReplicaConfig
-    from coralline.router.stack import StackConfig, run
+    from coralline.router.stack import run
 
     logging.basicConfig(
         level=os.environ.get("CORALLINE_LOG", "WARNING"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    config = StackConfig(
+    return run(_stack_config(args), ready=lambda line: print(line, flush=True))
+
+
+def _stack_config(args: argparse.Namespace):
+    """The StackConfig of `coralline serve`'s arguments."""
+    from coralline.router.app import ReplicaConfig
+    from coralline.router.stack import StackConfig
+
+    speculation = ("--speculation", args.speculation) if args.speculation else ()
+    return StackConfig(
         port=args.port,
         host=args.host,
         drafters=args.drafters,
@@ -265,8 +275,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_tokens=_tokens(args),
         router_options=tuple(_key_value(o) for o in args.router_option or ()),
         http_port=None if args.http_port == -1 else args.http_port,
+        verifier_extra=speculation,
     )
-    return run(config, ready=lambda line: print(line, flush=True))
 
 
 def _key_value(option: str) -> tuple[str, object]:
@@ -794,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bt.add_argument(
         "--speculation",
-        choices=["adaptive", "budget", "measured", "always"],
+        choices=SPECULATION,
         default="budget",
         help="under load (batching): 'budget' (default) sizes each round's tree by the batch's "
         "cost, down to the root alone; 'measured' also has every session speculate or decode "
@@ -851,6 +861,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads of each verifier (default 1: on one small box the drafter needs the "
         "other core)",
+    )
+    sv.add_argument(
+        "--speculation",
+        choices=SPECULATION,
+        default=None,
+        help="each verifier's --speculation (default: budget; see coralline verifier --help)",
     )
     sv.add_argument("--log-dir", default=None, help="worker logs (default: a temporary folder)")
     sv.add_argument(

@@ -97,3 +97,27 @@ def test_bad_config_is_refused():
         MeasuredConfig(window_s=1, settle_s=1)
     with pytest.raises(ValueError, match="probe_every"):
         MeasuredConfig(probe_every=0)
+
+
+def test_the_verifiers_metrics_show_what_the_switch_chose_and_measured():
+    from prometheus_client import generate_latest
+
+    from coralline.telemetry.metrics import VerifierMetrics
+
+    metrics = VerifierMetrics()
+    idle = generate_latest(metrics.registry).decode()  # no switch: plain mode 0, no figures
+    assert "coralline:speculation_plain_mode 0.0" in idle
+    assert "coralline:speculation_switches_total 0.0" in idle
+    assert "coralline:speculation_measured_tokens_per_second{" not in idle
+    switch, sim = make(16, probe_every=4)
+    metrics.measured.watch(switch)
+    sim.run(10.0)
+    speculating, switches, rates = switch.snapshot()
+    assert switches >= 1 and set(rates) == {(16, True), (16, False)}
+    text = generate_latest(metrics.registry).decode()
+    assert f"coralline:speculation_plain_mode {0.0 if speculating else 1.0}" in text
+    assert f"coralline:speculation_switches_total {float(switches)}" in text
+    for (lvl, spec), rate in rates.items():
+        mode = "speculative" if spec else "plain"
+        line = f'coralline:speculation_measured_tokens_per_second{{level="{lvl}",mode="{mode}"}}'
+        assert f"{line} {rate!r}" in text

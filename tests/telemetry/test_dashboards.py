@@ -16,11 +16,13 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
 import yaml
 
+from coralline.batching.measured import MeasuredSwitch
 from coralline.telemetry.metrics import (
     DrafterMetrics,
     RouterMetrics,
@@ -375,6 +377,17 @@ class Activity:
         )  # fmt: skip
 
 
+def _measured_switch() -> MeasuredSwitch:
+    """A MeasuredSwitch (--speculation measured) that measured both modes at 4 sessions."""
+    clock = [0.0]
+    switch = MeasuredSwitch(lambda: 4, clock=lambda: clock[0])
+    for i in range(60):  # 6 s of rounds, 3 tokens each
+        clock[0] += 0.1
+        switch(SimpleNamespace(accepted=2) if i else None)
+    assert {mode for _, mode in switch.snapshot()[2]} == {True, False}
+    return switch
+
+
 class _SdHandler(BaseHTTPRequestHandler):
     groups: ClassVar[list[dict]] = []
 
@@ -402,6 +415,7 @@ def test_every_panel_query_answers_from_real_prometheus(tmp_path: Path) -> None:
     verifiers = [VerifierMetrics(running=gauge(8), waiting=gauge(3), retained=gauge(4))
                  for _ in range(2)]  # fmt: skip
     drafters = [DrafterMetrics(sessions=gauge(8), queue=gauge(2)) for _ in range(2)]
+    verifiers[0].measured.watch(_measured_switch())  # one verifier with --speculation measured
     router = RouterMetrics(running=gauge(12))
     registries = {
         "verifier0": verifiers[0].registry,

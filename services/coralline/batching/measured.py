@@ -77,6 +77,11 @@ class MeasuredSwitch:
         self._tokens = 0
         self._levels: set[int] = set()
 
+    def snapshot(self) -> tuple[bool, int, dict[tuple[int, bool], float]]:
+        """(speculating now, switches so far, {(level, speculating): tokens / s}): metrics."""
+        with self._lock:
+            return self.speculating, self.switches, dict(self.rates)
+
     def __call__(self, last, now: float | None = None) -> bool:
         """Speculate this round? `last`: this session's previous RoundStats (None: its first)."""
         now = self.clock() if now is None else now

@@ -228,6 +228,8 @@ class VerifierCore:
             )
         if self.metrics is not None and config.batching is not None:
             self.target.kv.scheduler.on_batch = self.metrics.batch
+        if self.metrics is not None and self.measured is not None:
+            self.metrics.measured.watch(self.measured)
         self.fingerprint = self.target.fingerprint
         self.store = MemorySessionStore(config.history)
         self.live: dict[str, _Live] = {}

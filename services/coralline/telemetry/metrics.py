@@ -35,6 +35,7 @@ from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 PREFIX = "coralline:"
@@ -148,6 +149,8 @@ class VerifierMetrics:
             r, "time_per_output_token_seconds", "Round time / tokens it committed (per token)"
         )
         self.e2e_s = _h(r, "e2e_request_latency_seconds", "Request start to end", E2E_BUCKETS)
+        self.measured = _MeasuredCollector()  # `--speculation measured`: watch(switch)
+        r.register(self.measured)
         self._pos = [self.accepted_per_pos.labels(position=str(i)) for i in range(MAX_POSITIONS)]
         self._sent = self.link_bytes.labels(direction="sent")
         self._received = self.link_bytes.labels(direction="received")
@@ -220,6 +223,43 @@ class VerifierMetrics:
         self.batch_sessions.observe(items)
         self.batch_tokens.observe(tokens)
         self.batch_forward_s.observe(seconds)
+
+
+class _MeasuredCollector:
+    """What a verifier's MeasuredSwitch (`--speculation measured`, batching/measured.py) chose
+    and measured, read at each scrape. Without a switch: plain mode 0, no switches, no rates."""
+
+    def __init__(self) -> None:
+        self.switch = None  # a MeasuredSwitch, or anything with its snapshot()
+
+    def watch(self, switch) -> None:
+        self.switch = switch
+
+    def collect(self):
+        speculating, switches, rates = (
+            self.switch.snapshot() if self.switch is not None else (True, 0, {})
+        )
+        plain = GaugeMetricFamily(
+            PREFIX + "speculation_plain_mode",
+            "1 while the measured switch has every session decode plainly (it measured plain "
+            "decoding faster at this load), else 0",
+            value=0.0 if speculating else 1.0,
+        )
+        count = CounterMetricFamily(
+            PREFIX + "speculation_switches",
+            "Changes of mode by the measured switch (speculation <-> plain decoding, probes "
+            "included)",
+            value=switches,
+        )
+        measured = GaugeMetricFamily(
+            PREFIX + "speculation_measured_tokens_per_second",
+            "The measured switch's running figure: aggregate committed tokens/s at a load level "
+            "(sessions sharing the forwards, rounded up to a power of two), per mode",
+            labels=("level", "mode"),
+        )
+        for (lvl, spec), rate in sorted(rates.items()):
+            measured.add_metric([str(lvl), "speculative" if spec else "plain"], rate)
+        return [plain, count, measured]
 
 
 class DrafterMetrics:

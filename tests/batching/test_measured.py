@@ -97,6 +97,8 @@ def test_bad_config_is_refused():
         MeasuredConfig(window_s=1, settle_s=1)
     with pytest.raises(ValueError, match="probe_every"):
         MeasuredConfig(probe_every=0)
+    with pytest.raises(ValueError, match="max_probe_every"):
+        MeasuredConfig(probe_every=8, max_probe_every=4)
 
 
 def test_the_verifiers_metrics_show_what_the_switch_chose_and_measured():
@@ -121,3 +123,31 @@ def test_the_verifiers_metrics_show_what_the_switch_chose_and_measured():
         mode = "speculative" if spec else "plain"
         line = f'coralline:speculation_measured_tokens_per_second{{level="{lvl}",mode="{mode}"}}'
         assert f"{line} {rate!r}" in text
+
+
+def test_a_clear_choice_is_probed_ever_less_often():
+    # plain 167 tok/s per session against speculation's 100: each probe finds speculation
+    # clearly behind, so the interval doubles from 4 windows to the cap of 16
+    switch, sim = make(16, probe_every=4, max_probe_every=16)
+    sim.run(100.0)
+    assert switch._interval[16] == 16
+    before = switch.switches
+    modes = sim.run(100.0)
+    probes = (switch.switches - before) / 2  # a probe switches there and back
+    assert 100 / 17 - 1 <= probes <= 100 / 17 + 1  # one window in 17, not one in 5
+    assert sum(modes) / len(modes) < 0.1
+
+
+def test_a_close_choice_keeps_its_probes_and_a_change_is_found():
+    # within the margin (250 vs 240 tok/s per session): the interval stays at probe_every
+    switch, sim = make(4, probe_every=4, max_probe_every=16)
+    sim.run(60.0, spec=(3, 0.012), plain=(1, 0.004166))
+    assert switch._interval[4] == 4
+    # a clear choice for plain decoding backs its probes off ...
+    sim.run(100.0, spec=(3, 0.03), plain=(1, 0.004))
+    assert switch._interval[4] == 16 and not switch.speculating
+    # ... and when speculation becomes much faster, the next probe finds it (within the cap)
+    sim.run(20.0, spec=(3, 0.004), plain=(1, 0.004))
+    modes = sim.run(20.0, spec=(3, 0.004), plain=(1, 0.004))
+    assert sum(modes) / len(modes) > 0.7 and switch.speculating
+    assert switch.rates[(4, True)] > 2 * switch.rates[(4, False)]

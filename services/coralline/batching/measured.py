@@ -11,8 +11,11 @@ lies depends on the machine, the drafter and the prompts, and predicting it from
   window's aggregate committed tokens per second is recorded for its load level: the sessions
   sharing the forwards, rounded up to a power of two (2, 4, 8, 16, ...).
 - At each level the mode with the better running figure runs. The other one gets a window
-  every `probe_every` windows, so its figure stays current. A mode not yet measured at a level
-  is tried first, speculation before plain decoding.
+  after `probe_every` windows of it, so its figure stays current. A probe that finds the other
+  mode still behind by more than `margin` doubles that interval at its level, up to
+  `max_probe_every`; one that finds the two within `margin` (or the other ahead) sets it back
+  to `probe_every`. So a clear choice costs ever fewer probes, and a close one stays watched.
+  A mode not yet measured at a level is tried first, speculation before plain decoding.
 - A window does not count when its load level changed, when it committed fewer than
   `min_tokens`, or for its first `settle_s` after a change of mode (rounds begun in the other
   mode end then).
@@ -26,16 +29,21 @@ Pure apart from the clock it is given; knows nothing of gRPC, drafters or the sc
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class MeasuredConfig:
     window_s: float = 1.0  # one measurement window (SmolLM2 on 2 CPU cores: ~40-150 tokens)
-    probe_every: int = 6  # windows in the better mode between two windows of the other
+    probe_every: int = 6  # windows in the better mode before a window of the other (at first)
+    max_probe_every: int = 24  # the longest that interval grows while the choice stays clear
+    margin: float = 0.1  # a probe within this fraction of the better mode resets the interval
     min_tokens: int = 16  # a window that committed fewer does not count
     settle_s: float = 0.25  # not counted after a change of mode: rounds begun before it
     smoothing: float = 0.5  # weight of the newest window in a level's running figure
@@ -45,6 +53,8 @@ class MeasuredConfig:
             raise ValueError("window_s > 0 and 0 <= settle_s < window_s required")
         if self.probe_every < 1 or self.min_tokens < 1 or not 0 < self.smoothing <= 1:
             raise ValueError("probe_every >= 1, min_tokens >= 1 and 0 < smoothing <= 1 required")
+        if self.max_probe_every < self.probe_every or not 0 <= self.margin < 1:
+            raise ValueError("max_probe_every >= probe_every and 0 <= margin < 1 required")
 
 
 def level(sessions: int) -> int:
@@ -72,6 +82,8 @@ class MeasuredSwitch:
         self._lock = threading.Lock()
         self._since_probe: dict[int, int] = {}  # level -> windows in its better mode since
         # the other's last window
+        self._interval: dict[int, int] = {}  # level -> windows between probes there now
+        self._probing: int | None = None  # the level of the probe window now running
         now = clock()
         self._start = self._count_from = now
         self._tokens = 0
@@ -98,12 +110,24 @@ class MeasuredSwitch:
         cfg = self.config
         seconds = now - self._count_from
         seen = next(iter(self._levels)) if len(self._levels) == 1 else 0  # 0: it changed
-        if seen > 1 and self._tokens >= cfg.min_tokens and seconds > 0:
+        counted = seen > 1 and self._tokens >= cfg.min_tokens and seconds > 0
+        if counted:
             key, rate = (seen, self.speculating), self._tokens / seconds
             old = self.rates.get(key)
             self.rates[key] = rate if old is None else old + cfg.smoothing * (rate - old)
             self.windows += 1
+        if self._probing is not None:  # the window that closes was a probe
+            if counted and seen == self._probing:
+                self._after_probe(seen, self.speculating)
+            self._probing = None
         want = self._next(lvl)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "window: levels %s, %s, %d tokens in %.2f s (%s); next %s at level %d",
+                sorted(self._levels), "speculating" if self.speculating else "plain",
+                self._tokens, seconds, "counted" if counted else "not counted",
+                "speculating" if want else "plain", lvl,
+            )  # fmt: skip
         changed = want != self.speculating
         self.switches += changed
         self.speculating = want
@@ -118,8 +142,18 @@ class MeasuredSwitch:
             return False
         better = spec >= plain
         run = self._since_probe.get(lvl, 0)
-        if run >= self.config.probe_every:
+        if run >= self._interval.get(lvl, self.config.probe_every):
             self._since_probe[lvl] = 0
+            self._probing = lvl
             return not better
         self._since_probe[lvl] = run + 1
         return better
+
+    def _after_probe(self, lvl: int, probed: bool) -> None:
+        """A counted probe of mode `probed` (speculating?) at `lvl`: when it is still behind
+        by more than the margin, its next probe waits twice as long; else as long as at first."""
+        cfg = self.config
+        mine, other = self.rates[(lvl, probed)], self.rates[(lvl, not probed)]
+        clear = mine < (1 - cfg.margin) * other
+        now = self._interval.get(lvl, cfg.probe_every)
+        self._interval[lvl] = min(2 * now, cfg.max_probe_every) if clear else cfg.probe_every

@@ -805,10 +805,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument(
         "--speculation",
         choices=SPECULATION,
-        default="budget",
-        help="under load (batching): 'budget' (default) sizes each round's tree by the batch's "
-        "cost, down to the root alone; 'measured' also has every session speculate or decode "
-        "plainly together, whichever gave more tokens/s at this load when measured; "
+        default="measured",
+        help="under load (batching): 'measured' (default) has every session speculate or "
+        "decode plainly together, whichever gave more tokens/s at this load when measured (one "
+        "session always speculates), with trees sized as by 'budget'; 'budget' sizes each "
+        "round's tree by the batch's cost, down to the root alone, and always asks the drafter; "
         "'adaptive' decodes a session plainly without asking the drafter while speculation is "
         "predicted slower (experimental: slower on the 2-core CPU measured, docs/batching.md); "
         "'always' leaves tree sizes to the drafter's own model",
@@ -866,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--speculation",
         choices=SPECULATION,
         default=None,
-        help="each verifier's --speculation (default: budget; see coralline verifier --help)",
+        help="each verifier's --speculation (default: measured; see coralline verifier --help)",
     )
     sv.add_argument("--log-dir", default=None, help="worker logs (default: a temporary folder)")
     sv.add_argument(

@@ -48,6 +48,8 @@ def tiny_stack(tiny_folders):
                 open_timeout_s=1.0,
                 max_reconnects=1,
                 max_tree_nodes=64,
+                measured_switch=False,  # rounds speculate whatever the load: the mechanics are
+                # tested here (test_services_tiny.py sets a switch where it tests one)
                 server=ServerOptions(max_message_bytes=1 << 20),
             )
         )

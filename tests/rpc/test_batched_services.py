@@ -28,9 +28,10 @@ PROMPTS = [
 def services():
     drafter = ServerProcess("drafter", "--pipeline", "--metrics-port", "0")
     try:
-        verifier = ServerProcess(
-            "verifier", "--drafter-endpoint", drafter.address, "--metrics-port", "0"
-        )
+        verifier = ServerProcess(  # every round speculates: the mechanics are tested here
+            "verifier", "--drafter-endpoint", drafter.address, "--metrics-port", "0",
+            "--speculation", "budget",
+        )  # fmt: skip
     except Exception:
         drafter.stop()
         raise

@@ -9,21 +9,22 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
   hf-batched         HF `generate`, plain, left-padded batches of c
   engine-plain       the engine's plain decoding, sessions batched by the batch scheduler
                      (batching/), in this process
-  verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, trees
-                     sized by the load: the default `--speculation budget`) as processes,
-                     clients through the SDK
+  verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, every
+                     round speculating with trees sized by the load: `--speculation budget`)
+                     as processes, clients through the SDK
   verifier-plain     the same verifier process, every session asking for no drafter (plain
                      decoding batched by the verifier): what speculation is measured against on
                      the serving path
   verifier-coral-switch   the same with `--speculation adaptive`: plain rounds, without the
                      drafter, where speculation is predicted not to pay (batching/switch.py)
-  verifier-coral-measured   the same with `--speculation measured`: every session speculates
-                     or decodes plainly together, whichever measured faster at the load
-                     (batching/measured.py)
+  verifier-coral-measured   the same with `--speculation measured` (the verifier's default):
+                     every session speculates or decodes plainly together, whichever measured
+                     faster at the load (batching/measured.py)
   verifier-coral-pipelined   the same with `coralline drafter --pipeline` (pre-drafting behind
                      a speculation cache); reports its hit rate and the drafting time hidden
-  stack-coral        the same through the whole stack (`coralline serve`: Ray Serve router,
-                     the front), clients through the SDK
+  stack-coral        CORAL through the whole stack (`coralline serve`: Ray Serve router, the
+                     front; its verifiers with their default `--speculation measured`), clients
+                     through the SDK
 
 Per point: aggregate tok/s, mean per-session tok/s, p50 / p99 inter-token latency (a chunk of
 several tokens counts its gap once, as vLLM's coalesced outputs do), TTFT p50, acceptance length

@@ -104,9 +104,10 @@ class VerifierServiceConfig:
     plain_switch: bool = False  # with adaptive_budget: a session decodes plainly, without asking
     # the drafter, while speculation is predicted slower at the current load (batching/switch.py;
     # off by default: on the 2-core CPU measured it cost 7-35% from 2 to 8 sessions)
-    measured_switch: bool = False  # with batching: every session speculates or decodes plainly
+    measured_switch: bool = True  # with batching: every session speculates or decodes plainly
     # together, whichever gave more tokens/s at this load level when measured
-    # (batching/measured.py)
+    # (batching/measured.py; one session always speculates). The default since it was measured
+    # ahead of the budget alone at 2-16 sessions (docs/batching.md)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:

@@ -19,7 +19,8 @@ lies depends on the machine, the drafter and the prompts, and predicting it from
 - A window does not count when its load level changed, when it committed fewer than
   `min_tokens`, or for its first `settle_s` after a change of mode (rounds begun in the other
   mode end then).
-- One session (level 1) always speculates, so a lone session's rounds never depend on load.
+- One session (level 1) always speculates, so a lone session's rounds never depend on load
+  (its windows are still measured: the figure of speculation at level 1, for the metrics).
 
 Lossless either way: a plain round is plain decoding with the same keyed coins, and the drafter
 is told what it missed at its next round (engine.py, as for switch.py).
@@ -110,9 +111,9 @@ class MeasuredSwitch:
         cfg = self.config
         seconds = now - self._count_from
         seen = next(iter(self._levels)) if len(self._levels) == 1 else 0  # 0: it changed
-        counted = seen > 1 and self._tokens >= cfg.min_tokens and seconds > 0
-        if counted:
-            key, rate = (seen, self.speculating), self._tokens / seconds
+        counted = seen >= 1 and self._tokens >= cfg.min_tokens and seconds > 0
+        if counted:  # (level 1 always speculates: its figure is speculation's)
+            key, rate = (seen, self.speculating or seen == 1), self._tokens / seconds
             old = self.rates.get(key)
             self.rates[key] = rate if old is None else old + cfg.smoothing * (rate - old)
             self.windows += 1

@@ -364,30 +364,3 @@ def test_the_measured_switch_decides_for_the_sessions_and_loses_nothing(
     assert got == want
     assert 0 < summary.plain_rounds < summary.rounds and summary.fallback_rounds == 0
     assert switch.windows > 0 and {lvl for lvl, _ in switch.rates} == {4}
-
-
-def test_rounds_run_back_to_back_without_waiting_for_the_stream(tiny_stack):
-    """The verifier runs a session's rounds back to back in its thread (VerifierCore._produce):
-    while nothing reads the stream, the engine goes on; every chunk still arrives, in order,
-    and the session is freed at the end."""
-    core = tiny_stack.core
-
-    async def first_then_wait():
-        steps = core.run("ahead-1", PROMPT, SamplingParams(max_new_tokens=40), drafter="none")
-        first = await steps.__anext__()
-        runner = core.live["ahead-1"].runner
-        cached = runner.num_cached
-        for _ in range(300):  # up to 3 s, reading nothing
-            if runner.num_cached > cached + 10:
-                break
-            await asyncio.sleep(0.01)
-        later = runner.num_cached
-        rest = [step async for step in steps]
-        return first, cached, later, rest
-
-    first, cached, later, rest = tiny_stack.loop.call(first_then_wait())
-    assert later > cached + 10  # rounds ran while the first chunk was still unread
-    steps = [first, *rest]
-    assert sum(len(s.chunk.token_ids) for s in steps) == 40
-    assert [s.chunk.stats.round for s in steps] == list(range(1, len(steps) + 1))
-    assert steps[-1].summary is not None and "ahead-1" not in core.live

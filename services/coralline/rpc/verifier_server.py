@@ -24,8 +24,6 @@ Knows nothing about the algorithms: it validates, adapts messages and calls the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -470,29 +468,6 @@ class VerifierCore:
             except StopIteration:
                 return None
 
-    def _produce(self, live: _Live, hand: Callable[[object], None]) -> None:
-        """The session's rounds back to back, in a pool thread: each chunk goes to the event
-        loop with what belongs to its round (the drafter link's figures, its round span) as
-        soon as it is made, and the next round starts at once, without waiting for the event
-        loop to stream this one (with many sessions, it streams theirs one after another, and
-        a batch waits for every session of the last one). Ends after the last chunk, when the
-        session is cancelled or freed, or with the error the engine raised. hand(item): a
-        (chunk, wire, round span) triple, then None at the end, or an exception."""
-        try:
-            while not live.cancelled.is_set():
-                chunk = self._next(live)
-                if chunk is None:
-                    break
-                remote, tel = live.remote, live.telemetry
-                wire = dataclasses.replace(remote.wire) if remote is not None else WireStats()
-                span = tel.take_round() if tel is not None else None
-                hand((chunk, wire, span))
-                if chunk.summary is not None:
-                    return
-            hand(None)
-        except BaseException as exc:  # raised on the event loop
-            hand(exc)
-
     def _free(self, live: _Live, state: str, error: str = "") -> None:
         """Frees the session's cache (or keeps it idle: a retained session that finished) and
         its drafter session. In a pool thread after its round, or directly once the engine has
@@ -546,33 +521,21 @@ class VerifierCore:
         )
         sid = live.record.session_id
         state, error, failure = CANCELLED, "", None
-        rounds: asyncio.Queue = asyncio.Queue()  # what _produce hands over, in order
-
-        def hand(item) -> None:  # in the producing thread
-            with contextlib.suppress(RuntimeError):  # the event loop closed: the server is gone
-                loop.call_soon_threadsafe(rounds.put_nowait, item)
-
-        self._pool.submit(self._produce, live, hand)
         try:
             while True:
                 if live.cancelled.is_set():
                     raise ServiceError(grpc.StatusCode.CANCELLED, f"session {sid} was cancelled")
-                item = await rounds.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item is None:
-                    if live.cancelled.is_set():
-                        continue  # raised above
+                chunk = await loop.run_in_executor(self._pool, self._next, live)
+                if chunk is None:
                     state = FINISHED
                     self._free(live, state)  # the engine has ended: no round holds the lock
                     return
-                chunk, wire, span = item
                 live.tokens = self.store.append(sid, chunk.token_ids, chunk.text)
+                wire = live.remote.wire if live.remote is not None else WireStats()
                 if live.telemetry is not None:
                     live.telemetry.round_done(
-                        chunk.stats, len(chunk.token_ids), wire, cached=live.runner.reused,
-                        span=span,
-                    )  # fmt: skip
+                        chunk.stats, len(chunk.token_ids), wire, cached=live.runner.reused
+                    )
                 stats = codec.stats_to_pb(
                     chunk.stats,
                     bytes_to=wire.bytes_to,

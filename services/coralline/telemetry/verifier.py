@@ -54,16 +54,8 @@ class SessionTelemetry:
         if self.remote is not None:
             self.remote.trace_context = self.tracing.carrier(self.round)
 
-    def take_round(self):
-        """The round span begun by round_started (None when not tracing), handed over with the
-        round's chunk: the next round may start before round_done(...) runs (in the round's
-        thread, right after the engine yielded the chunk)."""
-        span, self.round = self.round, None
-        return span
-
-    def round_done(self, stats, committed: int, wire, cached: int = 0, span=...) -> None:
-        """After the engine yielded the round's chunk (stats: engine.RoundStats); span: the
-        round's span from take_round() (default: the one round_started began)."""
+    def round_done(self, stats, committed: int, wire, cached: int = 0) -> None:
+        """After the engine yielded the round's chunk (stats: engine.RoundStats)."""
         drafter_ms = wire.drafter_ns / 1e6 if wire is not None and wire.drafter_ns else None
         if self.first:
             self.first = False
@@ -88,8 +80,7 @@ class SessionTelemetry:
                 bytes_received=wire.bytes_from if wire is not None else 0,
                 prefill_s=stats.prefill_ms / 1e3,
             )
-        if span is ...:
-            span = self.take_round()
+        span, self.round = self.round, None
         if span is None:
             return
         t = self.tracing

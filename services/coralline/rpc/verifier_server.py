@@ -107,7 +107,8 @@ class VerifierServiceConfig:
     measured_switch: bool = True  # with batching: every session speculates or decodes plainly
     # together, whichever gave more tokens/s at this load level when measured
     # (batching/measured.py; one session always speculates). The default since it was measured
-    # ahead of the budget alone at 2-16 sessions (docs/batching.md)
+    # ahead of the budget alone at 2, 8 and 16 sessions in three runs, mixed at 4
+    # (docs/batching.md)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ Knows nothing about requests: it starts and stops processes and Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import tempfile
@@ -39,6 +40,51 @@ from coralline.rpc.server import ServerOptions
 log = logging.getLogger("coralline.serve")
 
 INGRESSES = ("front", "proxy")
+RAY_START_ATTEMPTS = 3
+_RAY_START_TIMEOUT = "timed out during startup"  # ray 2.60 node.py: a fixed 30 s wait
+
+
+def init_ray(attempts: int = RAY_START_ATTEMPTS, init=None, **kwargs) -> None:
+    """`ray.init(**kwargs)`, tried again when the local node misses Ray's fixed 30 s start-up
+    wait (its raylet not registered with the GCS in time: a loaded 2-core machine did this once
+    in ~30 CI runs). The processes a failed attempt started (GCS, raylet, ...) are killed before
+    the next one: the failed `ray.init` keeps no handle on them. Any other error, or the last
+    timeout, is raised. `init` replaces `ray.init` (tests)."""
+    import psutil
+
+    if init is None:
+        import ray
+
+        init = ray.init
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            init(**kwargs)
+            return
+        except Exception as e:
+            if _RAY_START_TIMEOUT not in str(e) or attempt == attempts:
+                raise
+            left = [p for p in me.children(recursive=True) if p.pid not in before]
+            log.warning(
+                "Ray start-up attempt %d/%d timed out (%s); killing the %d processes it left "
+                "and trying again", attempt, attempts, e, len(left),
+            )  # fmt: skip
+            kill_processes(left)
+
+
+def kill_processes(procs: list, grace_s: float = 5.0) -> None:
+    """SIGTERM `procs` (psutil.Process), then SIGKILL whatever is left after `grace_s`."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 @dataclass(frozen=True)
@@ -278,7 +324,6 @@ class Stack:
         (unless http_port is None or http=False) is served by the front itself, or with the
         proxy ingress by Serve's HTTP proxy through the HttpIngress deployment."""
         loopback_ray_env()
-        import ray
         from ray import serve
         from ray.serve.config import gRPCOptions
 
@@ -289,7 +334,7 @@ class Stack:
         if ingress not in INGRESSES:
             raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
         self.ingress = ingress
-        ray.init(
+        init_ray(
             num_cpus=cfg.ray_cpus,
             include_dashboard=False,
             configure_logging=False,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from coralline.cpu_linear import (
+    FusedLinear,
     OneDnnLinear,
     TransposedLinear,
     best_kind,
@@ -88,6 +89,41 @@ def test_every_kind_gives_a_model_the_same_logits_and_keeps_its_tied_weights(kin
         == (model.get_input_embeddings().weight.data_ptr())
         or kind == "transposed"
     )
+
+
+@pytest.mark.parametrize("kind", ["onednn", "transposed", "torch"])
+def test_a_fused_linear_equals_its_parts_side_by_side(kind):
+    """q / k / v-like parts (different widths, one with a bias): the fused layer's output is
+    the parts' outputs concatenated, in the parts' kind, for 1..17 rows and a 3-D input; it is a
+    copy (a later load into a part does not reach it)."""
+    torch.manual_seed(1)
+    parts = nn.ModuleList(
+        [nn.Linear(24, 40, bias=False), nn.Linear(24, 8), nn.Linear(24, 8, False)]
+    )
+    cpu_linears(parts, kind)
+    fused = FusedLinear(list(parts))
+    assert fused.kind == kind and fused.sizes == [40, 8, 8] and fused.out_features == 56
+    with torch.inference_mode():
+        for shape in [(1, 24), (4, 24), (17, 24), (2, 5, 24)]:
+            x = torch.randn(*shape)
+            want = torch.cat([p(x) for p in parts], -1)
+            got = fused(x)
+            assert got.shape == (*shape[:-1], 56)
+            assert torch.allclose(got, want, atol=1e-5)
+            pieces = got.split(fused.sizes, dim=-1)
+            assert all(
+                torch.allclose(a, p(x), atol=1e-5) for a, p in zip(pieces, parts, strict=True)
+            )
+        before = fused(x)
+        parts[0].load_state_dict(nn.Linear(24, 40, bias=False).state_dict())
+        assert torch.equal(fused(x), before)
+
+
+def test_a_fused_linear_refuses_parts_that_do_not_share_an_input():
+    with pytest.raises(ValueError, match="same input size"):
+        FusedLinear([nn.Linear(24, 8), nn.Linear(12, 8)])
+    with pytest.raises(ValueError, match="at least one"):
+        FusedLinear([])
 
 
 def test_an_unknown_kind_is_refused():

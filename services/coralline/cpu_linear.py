@@ -161,3 +161,62 @@ def _swap(module: nn.Module) -> None:
             setattr(module, name, OneDnnLinear(child))
         else:
             _swap(child)
+
+
+class FusedLinear(nn.Module):
+    """Linear layers that read the same input, as one: forward(x) = cat([l(x) for l in layers],
+    -1) [..., sum out], one GEMM instead of len(layers) (one pass over x, one call's overhead).
+    A Llama layer's q / k / v projections fused, and its MLP's gate / up, make a SmolLM2-135M
+    forward ~7-10% faster at 1-4 rows on the 2-core AMD EPYC (ms, 1 / 4 rows, after 200 cached
+    tokens: 26.1 / 32.7 separate, 24.4 / 29.7 fused; batching/forward.py).
+
+    It holds its own copy of the weights (the parts' weights concatenated), in the kind of
+    `layers[0]`: a oneDNN pack for OneDnnLinear, W^T for TransposedLinear, W for nn.Linear (any
+    device and dtype). A copy: weights loaded into the parts later do not reach it. Inference
+    only. Parts with and without a bias mix (a missing bias counts as zeros)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("FusedLinear needs at least one layer")
+        ins = {int(lin.in_features) for lin in layers}
+        if len(ins) != 1:
+            raise ValueError(f"fused layers must read the same input size, got {sorted(ins)}")
+        self.in_features = ins.pop()
+        self.sizes = [int(lin.out_features) for lin in layers]
+        self.out_features = sum(self.sizes)
+        with torch.no_grad():
+            w = torch.cat([lin.weight.detach() for lin in layers])  # [sum out, in]
+            biases = [getattr(lin, "bias", None) for lin in layers]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat(
+                    [
+                        b.detach() if b is not None else w.new_zeros(n)
+                        for b, n in zip(biases, self.sizes, strict=True)
+                    ]
+                )  # [sum out]
+        self.bias = bias
+        self.kind = (
+            "onednn"
+            if isinstance(layers[0], OneDnnLinear)
+            else "transposed"
+            if isinstance(layers[0], TransposedLinear)
+            else "torch"
+        )
+        self._packed = w.contiguous().to_mkldnn() if self.kind == "onednn" else None
+        self._w_t = w.t().contiguous() if self.kind == "transposed" else None  # [in, sum out]
+        self._w = w if self.kind == "torch" else None  # [sum out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., sum out]
+        if self._packed is not None:
+            flat = x.reshape(-1, self.in_features)  # [M, in]
+            y = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self._w_t is not None:
+            y = x @ self._w_t
+            return y if self.bias is None else y + self.bias
+        return nn.functional.linear(x, self._w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, sizes={self.sizes}, {self.kind}"

@@ -72,6 +72,10 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     assert sched.pool.free_slots == 4  # the pool is as it was
     first = load_or_measure(sched, "f" * 64)
     assert costs.cache_file(sched.model, "f" * 64).exists()
+    # a scheduler without fused projections has its own table (its forward costs differ)
+    assert costs.cache_file(sched.model, "f" * 64, fused=False) != costs.cache_file(
+        sched.model, "f" * 64
+    )
     probed = []
 
     def probe_only(scheduler, totals=costs.TOTALS, **kw):  # the machine as fast as the cache

@@ -57,11 +57,12 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def cache_file(model, fingerprint: str) -> Path:
+def cache_file(model, fingerprint: str, fused: bool = True) -> Path:
     from coralline.models import cache_dir
 
     p = next(model.parameters())
     kernel = type(model.get_output_embeddings()).__name__  # the linear layers' kind (cpu_linear)
+    kernel += "-fused" if fused else ""  # the scheduler's fused projections (forward.py)
     name = (
         f"{fingerprint[:16]}-{_device_name(p.device)}-{p.dtype}-{kernel}-{torch.get_num_threads()}t"
     )
@@ -76,7 +77,7 @@ def measure(
     """Milliseconds of one batched forward per total token count (see the module docstring;
     the fastest of `repeats` interleaved sweeps below 128 tokens, one run from 128 on).
     Needs free slots; leaves the pool as it found it."""
-    model, pool = scheduler.model, scheduler.pool
+    model, pool, proj = scheduler.model, scheduler.pool, scheduler.projections
     limit = scheduler.config.max_batch_tokens
     totals = [t for t in totals if t <= limit] or [min(totals)]
     context = min(context, pool.slot_tokens - 9)
@@ -87,7 +88,8 @@ def measure(
     try:
         for s in slots:  # the context every session has cached
             ids = torch.randint(0, vocab, (context,), generator=g)
-            ragged_forward(model, pool, [Item(s, 0, ids, torch.arange(context), None, False)])
+            item = Item(s, 0, ids, torch.arange(context), None, False)
+            ragged_forward(model, pool, [item], proj)
         parents = [-1] + [(i - 1) // 2 for i in range(1, 8)]  # a binary 8-node tree
         mask8 = torch.zeros(8, 8, dtype=torch.bool)
         for i, p in enumerate(parents):
@@ -111,7 +113,7 @@ def measure(
                 if sweep and total >= 128:  # the large ones vary little
                     continue
                 t0 = time.perf_counter()
-                ragged_forward(model, pool, items)
+                ragged_forward(model, pool, items, proj)
                 times[total].append((time.perf_counter() - t0) * 1e3)
         return {t: min(ms) for t, ms in times.items()}
     finally:
@@ -123,7 +125,7 @@ def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
     """The cached table for this target and device when a quick probe agrees with it, else a
     fresh measurement (then cached). Both run on the scheduler's thread, where its batches
     run (what they cost on another thread can differ: threads.py)."""
-    path = cache_file(scheduler.model, fingerprint)
+    path = cache_file(scheduler.model, fingerprint, scheduler.projections is not None)
     if path.exists() and not os.environ.get("CORALLINE_REMEASURE"):
         try:
             cached = {int(k): float(v) for k, v in json.loads(path.read_text())["ms"].items()}

@@ -36,7 +36,7 @@ from typing import TypeVar
 
 import torch
 
-from coralline.batching.forward import Item, ragged_forward, unsupported
+from coralline.batching.forward import Item, Projections, ragged_forward, unsupported
 from coralline.batching.pool import KVPool, PoolFull
 from coralline.tree import TokenTree
 
@@ -52,6 +52,8 @@ class BatchConfig:
     max_batch_tokens: int = 512  # tokens in one forward: bounds a batch's latency
     prefill_chunk: int = 128  # a prompt's tokens per batch: what a new session may add to the
     # others' round (SmolLM2 fp32, 2-core CPU: ~0.1 s)
+    fused_projections: bool = True  # q / k / v and gate / up as one linear each (forward.py:
+    # faster, for a copy of those weights)
     max_wait_ms: float = 20.0  # the longest a pending forward waits for the rest of the batch
     # (sessions resubmit within ~1-15 ms here: verification, commit, a drafter round trip)
 
@@ -99,6 +101,7 @@ class BatchScheduler:
         ctx = int(getattr(model.config, "max_position_embeddings", 2048))
         tokens = self.config.slot_tokens or ctx
         self.pool = KVPool.for_model(model, self.config.slots, min(tokens, ctx))
+        self.projections = Projections(model) if self.config.fused_projections else None
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._pending: list[_Work] = []
@@ -257,7 +260,8 @@ class BatchScheduler:
                 continue
             t0 = time.perf_counter()
             try:
-                results = ragged_forward(self.model, self.pool, [w.item for w in batch])
+                items = [w.item for w in batch]
+                results = ragged_forward(self.model, self.pool, items, self.projections)
                 error = None
             except BaseException as exc:  # handed to the sessions' threads
                 log.exception("batched forward failed")

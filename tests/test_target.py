@@ -166,3 +166,14 @@ def test_prefill_with_reuse_on_cuda():
     want = r.fork().prefill(prompt)
     assert feats.shape == want.shape  # equal up to bf16 rounding of different matmul shapes
     assert torch.nn.functional.cosine_similarity(feats, want, dim=1).min() > 0.99
+
+
+def test_take_rows_slices_a_chain_and_gathers_a_branch():
+    from coralline.target import take_rows
+
+    x = torch.arange(12.0).view(6, 2)  # [6, 2]
+    chain = take_rows(x, (0, 1, 2))
+    assert torch.equal(chain, x[[0, 1, 2]]) and chain.data_ptr() == x.data_ptr()  # a view
+    branch = take_rows(x, [0, 2, 5])
+    assert torch.equal(branch, x[[0, 2, 5]]) and branch.data_ptr() != x.data_ptr()
+    assert take_rows(x, [0]).shape == (1, 2)

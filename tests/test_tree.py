@@ -101,3 +101,14 @@ def test_child_and_walk_follow_tokens_from_the_root():
     assert tree.walk([1, 2, 3]) == (1, 3)  # stops where the tokens leave the tree
     assert tree.walk([5, 2]) == (2, 4)
     assert tree.walk([]) == () and tree.walk([7, 1]) == ()
+
+
+def test_root_only_is_the_one_node_chain_and_is_shared():
+    t = TokenTree.root_only(7)
+    ref = TokenTree.chain(7, [])
+    assert t.num_nodes == 1 and t.token_list == ref.token_list == (7,)
+    assert torch.equal(t.parents, ref.parents) and torch.equal(t.ancestor_mask, ref.ancestor_mask)
+    assert torch.equal(t.position_ids(5), ref.position_ids(5))
+    assert TokenTree.root_only(7) is t and TokenTree.root_only(8) is not t  # one per token
+    with pytest.raises(ValueError, match="negative"):
+        TokenTree.root_only(-1)

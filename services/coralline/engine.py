@@ -3,7 +3,8 @@
     prefill(prompt[:-1]); root = prompt[-1]
     each round: drafter proposes a tree rooted at the last committed token
                 target forwards the whole tree once -> warped rows [N, V] + features [N, d]
-                the verifier picks the accepted path + bonus; the KV cache keeps that path
+                the verifier picks the accepted path + bonus (at T = 0 straight from the
+                raw logits: verify_greedy_logits, the same walk); the KV cache keeps that path
                 accepted ids + features of the tokens that went through the target -> drafter
     stop on EOS (an EOS inside an accepted path truncates the round), max_new_tokens, a stop
     string, or a full context window.
@@ -37,8 +38,9 @@ import torch
 from coralline.detok import TextStream
 from coralline.draft.base import Drafter, DraftInput, DraftProposal, check_pair, default_verifier
 from coralline.sampling import VERIFY, SamplingParams, fresh_seed, keyed_generator
-from coralline.target import TargetRunner
+from coralline.target import TargetRunner, take_rows
 from coralline.tree import TokenTree
+from coralline.verification.greedy import verify_greedy_logits
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ class Engine:
                     backlog_ids.extend(new_ids)
                     backlog_features.append(features)
                     plain_rounds += 1
-                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
+                proposal = DraftProposal(TokenTree.root_only(context[-1]), None)
             fallback = proposal.fallback
             if (
                 fallback is None
@@ -201,18 +203,23 @@ class Engine:
             verify = plain.fn if plain_round else spec.fn
             if fallback is not None:
                 # the root alone (a root-only tree needs no draft rows)
-                proposal = DraftProposal(TokenTree.chain(context[-1], []), None)
+                proposal = DraftProposal(TokenTree.root_only(context[-1]), None)
                 verify = plain.fn
                 fallbacks += 1
             tree = proposal.tree
             t1 = time.perf_counter()
             out = target.tree_forward(tree)
             tf = time.perf_counter()
-            rows = out.probs(params)  # [N, V]
-            if self.on_round is not None:
-                self.on_round(tree, rows, proposal.rows)
-            coins = keyed_generator(params.seed, VERIFY, len(context))
-            result = verify(tree, rows, proposal.rows, coins, check=self.config.check_inputs)
+            check = self.config.check_inputs
+            if params.greedy and self.on_round is None:  # every verifier is greedy at T = 0:
+                # the same walk on the raw logits (verify_greedy_logits), no rows, no coins
+                result = verify_greedy_logits(tree, out.logits, check=check)
+            else:
+                rows = out.probs(params)  # [N, V]
+                if self.on_round is not None:
+                    self.on_round(tree, rows, proposal.rows)
+                coins = keyed_generator(params.seed, VERIFY, len(context))
+                result = verify(tree, rows, proposal.rows, coins, check=check)
             tv = time.perf_counter()
             target.commit(result.accepted)
             t2 = time.perf_counter()
@@ -222,7 +229,7 @@ class Engine:
             draft_ms += (t1 - t0) * 1e3
             verify_ms += (t2 - t1) * 1e3
             new = result.emitted_tokens(tree)
-            features = out.features[list(result.accepted)]  # [len(accepted), d]
+            features = take_rows(out.features, result.accepted)  # [len(accepted), d]
             finish = None
             for k, tok in enumerate(new):
                 if tok in target.eos_token_ids and not params.ignore_eos:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -113,6 +113,13 @@ class TokenTree:
     def chain(cls, root_token: int, drafts: Sequence[int], vocab_size: int | None = None):
         """A single path: root -> drafts[0] -> drafts[1] -> ..."""
         return cls.from_paths(root_token, [drafts], vocab_size)
+
+    @classmethod
+    def root_only(cls, root_token: int) -> TokenTree:
+        """The root alone (`chain(root_token, [])`): a plain decoding step's tree. Shared, as
+        trees are immutable and their views computed once: a session decoding plainly reuses
+        them instead of building and validating a tree (and its mask) every round."""
+        return _root_only(int(root_token))
 
     # ---------------------------------------------------------------- basic views
     @property
@@ -227,3 +234,8 @@ class TokenTree:
         if prefix_len < 0:
             raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
         return self.depth + prefix_len
+
+
+@lru_cache(maxsize=4096)
+def _root_only(root_token: int) -> TokenTree:
+    return TokenTree.chain(root_token, [])

@@ -69,3 +69,50 @@ def test_block_and_traversal_agree_on_long_chains_in_acceptance_rate():
     assert mean_a > 1.0  # deep acceptances happen: the comparison is not vacuous
     pooled = torch.tensor(a + b, dtype=torch.float64).std().item()
     assert abs(mean_a - mean_b) < 5 * pooled * (2 / 400) ** 0.5
+
+
+def test_greedy_on_raw_logits_equals_greedy_on_the_warped_rows():
+    """The engine's T = 0 fast path (verify_greedy_logits on the raw logits) against the
+    reference (verify_greedy on warp(logits, 0)): the same path and bonus on trees whose nodes
+    follow the argmax to various depths, with ties (small integer logits: the first maximum
+    wins in both) and a row of NaN."""
+    import pytest
+
+    from coralline.verification.greedy import verify_greedy, verify_greedy_logits
+
+    depths = set()
+    for seed in range(60):
+        g = make_generator(seed)
+        n, vocab = 24, 64
+        if seed % 3 == 0:  # many ties
+            logits = torch.randint(0, 3, (n, vocab), generator=g).float()
+        else:
+            logits = torch.randn(n, vocab, generator=g) * 2.0
+        if seed % 10 == 5:
+            logits[int(torch.randint(0, n, (1,), generator=g))] = float("nan")
+        tokens, parents = [int(torch.randint(0, vocab, (1,), generator=g))], [-1]
+        while len(tokens) < n:  # a child of a random node: its argmax half of the time
+            p = int(torch.randint(0, len(tokens), (1,), generator=g))
+            if float(torch.rand(1, generator=g)) < 0.5:
+                tok = int(logits[p].argmax())
+            else:
+                tok = int(torch.randint(0, vocab, (1,), generator=g))
+            if tok in [tokens[i] for i in range(len(tokens)) if parents[i] == p]:
+                continue
+            tokens.append(tok)
+            parents.append(p)
+        tree = TokenTree.from_parents(tokens, parents)
+        want = verify_greedy(tree, warp(logits, 0.0), None)
+        got = verify_greedy_logits(tree, logits)
+        assert got == want, seed
+        assert verify_greedy_logits(tree, logits, check=False) == want
+        depths.add(want.num_accepted)
+    assert len(depths) >= 3  # shallow and deep acceptances both exercised
+
+    tree = TokenTree.chain(3, [5])
+    with pytest.raises(ValueError, match="rows but the tree has"):
+        verify_greedy_logits(tree, torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        verify_greedy_logits(TokenTree.chain(3, [9]), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="TokenTree"):
+        verify_greedy_logits([3, 5], torch.zeros(2, 8))

@@ -214,7 +214,7 @@ class RemoteDrafter:
         level = logging.DEBUG if self._warned else logging.WARNING
         self._warned = True
         log.log(level, "session %s round %d: plain round (%s)", self.session_id, self._round, why)
-        return DraftProposal(TokenTree.chain(root, []), None, fallback=why)
+        return DraftProposal(TokenTree.root_only(root), None, fallback=why)
 
     # ------------------------------------------------------------------ the stream (event loop)
     async def _exchange(self, req, timeout: float):

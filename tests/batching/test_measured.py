@@ -19,15 +19,16 @@ class Sim:
 
     def __init__(self, switch: MeasuredSwitch, clock: list[float], sessions: list[int]):
         self.switch, self.clock, self.sessions = switch, clock, sessions
+        self.last: Round | None = None  # the previous round (None: none yet)
 
     def run(self, seconds: float, spec=(3, 0.03), plain=(1, 0.006)) -> list[bool]:
         """Round-robin over the sessions for `seconds`; -> the mode of each round."""
-        end, last, out = self.clock[0] + seconds, None, []
+        end, out = self.clock[0] + seconds, []
         while self.clock[0] < end:
-            mode = self.switch(last)
+            mode = self.switch(self.last)
             tokens, dt = spec if mode else plain
             self.clock[0] += dt / self.sessions[0]  # the sessions' rounds interleave
-            last = Round(accepted=tokens - 1)
+            self.last = Round(accepted=tokens - 1)
             out.append(mode)
         return out
 
@@ -151,3 +152,42 @@ def test_a_close_choice_keeps_its_probes_and_a_change_is_found():
     modes = sim.run(20.0, spec=(3, 0.004), plain=(1, 0.004))
     assert sum(modes) / len(modes) > 0.7 and switch.speculating
     assert switch.rates[(4, True)] > 2 * switch.rates[(4, False)]
+
+
+def _until(sim, done, **rates) -> list[bool]:
+    """Run round by round until done(); -> the modes of the rounds run (the last one's is the
+    mode chosen by the window close that made done() true: the next window's)."""
+    modes = []
+    while not done():
+        modes += sim.run(1e-9, **rates)  # one round
+    return modes
+
+
+def test_a_new_level_above_one_where_plain_won_starts_plain_and_probes_speculation_later():
+    # level 4: plain 1 token / 4 ms per session against speculation's 3 / 30 ms (250 vs 100)
+    switch, sim = make(4, probe_every=4)
+    sim.run(20.0, plain=(1, 0.004))
+    assert switch.rates[(4, False)] > switch.rates[(4, True)]
+    # level 16, never measured: it decodes plainly from its first window (not speculating
+    # first, as at level 4), and speculation gets its window as a probe 4 windows on
+    sim.sessions[0] = 16
+    before = switch.windows
+    modes = _until(sim, lambda: (16, True) in switch.rates, plain=(1, 0.004))
+    plain_windows = switch.windows - before - 1  # the last one counted is the probe
+    assert plain_windows >= 4 and (16, False) in switch.rates
+    probe = [i for i, m in enumerate(modes) if m]
+    assert probe and all(not m for m in modes[: probe[0]])  # plain until the probe
+    assert all(modes[probe[0] : -1])  # one speculating window
+    assert switch.rates[(16, False)] > switch.rates[(16, True)] and not switch.speculating
+
+
+def test_a_new_level_above_one_where_speculation_won_starts_speculating():
+    fast = {"spec": (3, 0.012), "plain": (1, 0.008)}  # 250 vs 125 tok/s per session
+    switch, sim = make(2, probe_every=4)
+    sim.run(10.0, **fast)
+    assert switch.rates[(2, True)] > switch.rates[(2, False)]
+    sim.sessions[0] = 4
+    modes = _until(sim, lambda: (4, True) in switch.rates, **fast)
+    first = modes.index(True)  # (the rounds before: the window across the change)
+    assert all(modes[first:-1])  # speculation first at the new level ...
+    _until(sim, lambda: (4, False) in switch.rates, **fast)  # ... then plain decoding

@@ -15,7 +15,10 @@ lies depends on the machine, the drafter and the prompts, and predicting it from
   mode still behind by more than `margin` doubles that interval at its level, up to
   `max_probe_every`; one that finds the two within `margin` (or the other ahead) sets it back
   to `probe_every`. So a clear choice costs ever fewer probes, and a close one stays watched.
-  A mode not yet measured at a level is tried first, speculation before plain decoding.
+  A level measured in neither mode starts as the nearest lower level measured in both chose:
+  plain decoding where plain decoding won there (on a shared device speculation's value falls
+  as load grows, so a level above one where it lost rarely needs it; speculation waits for its
+  first probe window), else speculation, and the other mode right after.
 - A window does not count when its load level changed, when it committed fewer than
   `min_tokens`, or for its first `settle_s` after a change of mode (rounds begun in the other
   mode end then).
@@ -137,11 +140,13 @@ class MeasuredSwitch:
 
     def _next(self, lvl: int) -> bool:
         spec, plain = self.rates.get((lvl, True)), self.rates.get((lvl, False))
-        if lvl == 1 or spec is None:
+        if lvl == 1:
             return True
+        if spec is None and plain is None:
+            return not self._plain_below(lvl)
         if plain is None:
             return False
-        better = spec >= plain
+        better = spec is not None and spec >= plain  # spec None: plain by the lower level
         run = self._since_probe.get(lvl, 0)
         if run >= self._interval.get(lvl, self.config.probe_every):
             self._since_probe[lvl] = 0
@@ -149,6 +154,14 @@ class MeasuredSwitch:
             return not better
         self._since_probe[lvl] = run + 1
         return better
+
+    def _plain_below(self, lvl: int) -> bool:
+        """Did plain decoding win at the nearest lower level measured in both modes?"""
+        both = [v for v, spec in self.rates if spec and v < lvl and (v, False) in self.rates]
+        if not both:
+            return False
+        v = max(both)
+        return self.rates[(v, False)] > self.rates[(v, True)]
 
     def _after_probe(self, lvl: int, probed: bool) -> None:
         """A counted probe of mode `probed` (speculating?) at `lvl`: when it is still behind

@@ -40,6 +40,9 @@ memory), its state_dict is nn.Linear's, and its oneDNN copy follows a state_dict
 keys and layout, so code that reads weights (a tied LM head, fingerprints, a draft head sharing
 the target's LM head) and checkpoints see nothing different. Inference only (no gradients).
 
+`FusedLinear(layers)` runs linear layers that read the same input as one (a layer's q / k / v
+projections: batching/forward.py), over its own copy of their weights in their kind.
+
 Knows nothing about models beyond nn.Linear.
 """
 

@@ -85,6 +85,42 @@ def test_levels_are_measured_apart_and_a_window_across_levels_does_not_count():
     assert {lvl for lvl, _ in switch.rates} == {2, 4}
 
 
+def test_a_window_with_a_short_dip_in_load_counts_for_the_level_that_held():
+    # a session leaving and the next one joining: a few rounds at level 1 in a level-2 window
+    switch, sim = make(2)
+    sim.run(3.3)
+    counted = switch.windows
+    sim.sessions[0] = 1
+    sim.run(0.05)  # ~2 rounds of one session in the window that ends at ~4 s
+    sim.sessions[0] = 2
+    sim.run(1.0)
+    assert switch.windows == counted + 1  # it counted ...
+    assert {lvl for lvl, _ in switch.rates} == {2}  # ... for level 2
+    # without the share rule (every round at one level) the same window would not count
+    strict, sim = make(2, level_share=1.0)
+    sim.run(3.3)
+    counted = strict.windows
+    sim.sessions[0] = 1
+    sim.run(0.05)
+    sim.sessions[0] = 2
+    sim.run(1.0)
+    assert strict.windows == counted
+
+
+def test_a_window_closing_in_a_dip_to_one_session_keeps_the_busy_levels_choice():
+    # 8 sessions, plain faster (1 / 4 ms against 3 / 30 ms per session): plain is chosen
+    switch, sim = make(8, probe_every=1000, max_probe_every=1000)
+    sim.run(10.5, plain=(1, 0.004))
+    assert not switch.speculating
+    # the window closes while the others are between requests: one session for a few rounds
+    closes = switch.windows
+    sim.sessions[0] = 1
+    _until(sim, lambda: switch.windows > closes, plain=(1, 0.004))
+    sim.sessions[0] = 8
+    modes = sim.run(0.5, plain=(1, 0.004))
+    assert not any(modes) and not switch.speculating  # still plain: the dip chose nothing
+
+
 def test_a_quiet_window_does_not_count():
     switch, sim = make(8, min_tokens=10_000)
     assert all(sim.run(10.0))  # nothing measured: it keeps speculating
@@ -100,6 +136,8 @@ def test_bad_config_is_refused():
         MeasuredConfig(probe_every=0)
     with pytest.raises(ValueError, match="max_probe_every"):
         MeasuredConfig(probe_every=8, max_probe_every=4)
+    with pytest.raises(ValueError, match="level_share"):
+        MeasuredConfig(level_share=0.5)
 
 
 def test_the_verifiers_metrics_show_what_the_switch_chose_and_measured():

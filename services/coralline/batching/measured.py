@@ -19,11 +19,15 @@ lies depends on the machine, the drafter and the prompts, and predicting it from
   plain decoding where plain decoding won there (on a shared device speculation's value falls
   as load grows, so a level above one where it lost rarely needs it; speculation waits for its
   first probe window), else speculation, and the other mode right after.
-- A window does not count when its load level changed, when it committed fewer than
+- A window counts for the level that held at least `level_share` of its rounds (a session
+  leaving and the next one joining makes a dip of a few rounds: those count with the rest).
+  It does not count when no level held that share, when it committed fewer than
   `min_tokens`, or for its first `settle_s` after a change of mode (rounds begun in the other
   mode end then).
 - One session (level 1) always speculates, so a lone session's rounds never depend on load
   (its windows are still measured: the figure of speculation at level 1, for the metrics).
+  A window that closes while the load has dipped to one session (the others between
+  requests) sets the next window's mode for the level that held most of its rounds.
 
 Lossless either way: a plain round is plain decoding with the same keyed coins, and the drafter
 is told what it missed at its next round (engine.py, as for switch.py).
@@ -51,6 +55,7 @@ class MeasuredConfig:
     min_tokens: int = 16  # a window that committed fewer does not count
     settle_s: float = 0.25  # not counted after a change of mode: rounds begun before it
     smoothing: float = 0.5  # weight of the newest window in a level's running figure
+    level_share: float = 0.9  # a window counts for a level that held this share of its rounds
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.settle_s < 0 or self.settle_s >= self.window_s:
@@ -59,6 +64,8 @@ class MeasuredConfig:
             raise ValueError("probe_every >= 1, min_tokens >= 1 and 0 < smoothing <= 1 required")
         if self.max_probe_every < self.probe_every or not 0 <= self.margin < 1:
             raise ValueError("max_probe_every >= probe_every and 0 <= margin < 1 required")
+        if not 0.5 < self.level_share <= 1:
+            raise ValueError("0.5 < level_share <= 1 required")
 
 
 def level(sessions: int) -> int:
@@ -91,7 +98,7 @@ class MeasuredSwitch:
         now = clock()
         self._start = self._count_from = now
         self._tokens = 0
-        self._levels: set[int] = set()
+        self._levels: dict[int, int] = {}  # level -> rounds begun at it in this window
 
     def snapshot(self) -> tuple[bool, int, dict[tuple[int, bool], float]]:
         """(speculating now, switches so far, {(level, speculating): tokens / s}): metrics."""
@@ -107,13 +114,15 @@ class MeasuredSwitch:
                 self._tokens += 1 + last.accepted  # what that round committed
             if now - self._start >= self.config.window_s:
                 self._close(now, lvl)
-            self._levels.add(lvl)
+            self._levels[lvl] = self._levels.get(lvl, 0) + 1
             return self.speculating or lvl == 1
 
     def _close(self, now: float, lvl: int) -> None:  # under self._lock; lvl: the load now
         cfg = self.config
         seconds = now - self._count_from
-        seen = next(iter(self._levels)) if len(self._levels) == 1 else 0  # 0: it changed
+        rounds = sum(self._levels.values())
+        most = max(self._levels, key=self._levels.get, default=0)
+        seen = most if rounds and self._levels[most] >= cfg.level_share * rounds else 0  # 0: none
         counted = seen >= 1 and self._tokens >= cfg.min_tokens and seconds > 0
         if counted:  # (level 1 always speculates: its figure is speculation's)
             key, rate = (seen, self.speculating or seen == 1), self._tokens / seconds
@@ -124,18 +133,20 @@ class MeasuredSwitch:
             if counted and seen == self._probing:
                 self._after_probe(seen, self.speculating)
             self._probing = None
-        want = self._next(lvl)
+        # one session between requests (level 1, which always speculates) decides nothing: the
+        # next window runs what the level that held most of this one wants
+        want = self._next(most if lvl == 1 and most > 1 else lvl)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "window: levels %s, %s, %d tokens in %.2f s (%s); next %s at level %d",
-                sorted(self._levels), "speculating" if self.speculating else "plain",
+                "window: rounds per level %s, %s, %d tokens in %.2f s (%s); next %s at level %d",
+                dict(sorted(self._levels.items())), "speculating" if self.speculating else "plain",
                 self._tokens, seconds, "counted" if counted else "not counted",
                 "speculating" if want else "plain", lvl,
             )  # fmt: skip
         changed = want != self.speculating
         self.switches += changed
         self.speculating = want
-        self._start, self._tokens, self._levels = now, 0, set()
+        self._start, self._tokens, self._levels = now, 0, {}
         self._count_from = now + (cfg.settle_s if changed else 0.0)
 
     def _next(self, lvl: int) -> bool:

@@ -54,6 +54,36 @@ def test_plain_and_draft_model_greedy_equal_hf_on_a_tiny_model():
     assert generate_ids(Engine(target, drafter), ids, params) == reference
 
 
+@pytest.mark.parametrize("kv", ["dynamic", "pooled"])
+def test_the_fused_first_round_equals_the_reference_and_saves_a_forward(kv):
+    """The first token from the prompt's own forward: greedy output equal to the first round
+    as a round like the others (with a drafter, and plain), plain sampling equal for a seed
+    (the same keyed coins), the first chunk one token long, one target forward fewer."""
+    target = tiny_runner(vocab=16, seed=3, scale=4.0, kv=kv)
+    draft = TargetRunner(perturbed(target.model, 0.3, seed=4), None)
+    ids = [1, 5, 9, 2, 7]
+    forwards = []
+    inner = target.kv.forward
+    target.kv.forward = lambda *a, **kw: forwards.append(1) or inner(*a, **kw)
+
+    def run(fused, drafter, params):
+        forwards.clear()
+        engine = Engine(target, drafter, EngineConfig(fused_first_round=fused))
+        chunks = list(engine.generate(ids, params))
+        return [t for c in chunks for t in c.token_ids], chunks, len(forwards)
+
+    greedy = SamplingParams(max_new_tokens=20)
+    for drafter in (None, ModelDrafter(draft, ModelDrafterConfig(branching=(2, 1)))):
+        (a, ca, fa), (b, cb, fb) = run(True, drafter, greedy), run(False, drafter, greedy)
+        assert a == b == _hf_greedy(target, ids, 20)
+        assert len(ca[0].token_ids) == 1 and ca[0].stats.tree_nodes == 1
+        assert not ca[0].stats.plain and ca[-1].summary.plain_rounds == 0
+        if drafter is None:  # the same rounds, the first one without a forward of its own
+            assert fa == fb - 1 and len(ca) == len(cb)
+    sampled = SamplingParams(temperature=1.0, seed=7, max_new_tokens=12)
+    assert run(True, None, sampled)[0] == run(False, None, sampled)[0]
+
+
 def test_eos_inside_an_accepted_path_truncates_the_round():
     target = tiny_runner(vocab=16, seed=5, scale=4.0)
     ids = [2, 4, 6]
@@ -63,7 +93,10 @@ def test_eos_inside_an_accepted_path_truncates_the_round():
     target.eos_token_ids = frozenset({eos})
     # a perfect draft (the target itself) accepts whole chains: EOS lands inside a path
     drafter = ModelDrafter(TargetRunner(target.model, None), ModelDrafterConfig(branching=(1,) * 8))
-    chunks = list(Engine(target, drafter).generate(ids, SamplingParams(max_new_tokens=50)))
+    # the first round speculating (these tiny models repeat the prompt's last token, so EOS is
+    # the first token: a fused first round would emit it alone, with nothing to cut)
+    engine = Engine(target, drafter, EngineConfig(fused_first_round=False))
+    chunks = list(engine.generate(ids, SamplingParams(max_new_tokens=50)))
     got = [t for c in chunks for t in c.token_ids]
     assert got == reference[: first + 1]
     assert chunks[-1].summary.finish_reason == "eos"

@@ -3,6 +3,9 @@ draft model building trees WITHOUT replacement, the real engine (tree forward, w
 verification, KV commit, drafter sync). The law of the first 2 generated tokens must match the
 target's exact law (chi-square, alpha = 1e-3, Bonferroni across the cases), at T = 1 and at
 T = 0.7 with top-p 0.8, for traversal and RRSw. A broken verifier fails the same test.
+These runs speculate from the first round (`fused_first_round=False`), so both tokens come from
+one speculative round; the default, whose first token comes from the prompt's own forward, is
+tested on the first 3 tokens (the second and third from a speculative round).
 """
 
 import itertools
@@ -26,17 +29,17 @@ from .tiny import perturbed, tiny_llama
 from .verification.test_exact import BonusFromOriginalRow
 
 VOCAB, LENGTH, RUNS = 8, 2, 2000  # the broken control still fails at p ~ 1e-47
-ALPHA = 1e-3 / 11  # Bonferroni across the 11 positive cases of this file
+ALPHA = 1e-3 / 12  # Bonferroni across the 12 positive cases of this file
 PROMPT = [1, 6, 3]
 
 
-def _exact_law(model, params: SamplingParams) -> dict[tuple[int, ...], float]:
-    """P(first LENGTH tokens) under the warped target, by enumerating every prefix."""
+def _exact_law(model, params: SamplingParams, length: int = LENGTH) -> dict[tuple[int, ...], float]:
+    """P(first `length` tokens) under the warped target, by enumerating every prefix."""
     law = {}
     with torch.no_grad():
-        for seq in itertools.product(range(VOCAB), repeat=LENGTH):
+        for seq in itertools.product(range(VOCAB), repeat=length):
             ids = torch.tensor([PROMPT + list(seq[:-1])])
-            logits = model(input_ids=ids).logits[0, len(PROMPT) - 1 :]  # [LENGTH, V]
+            logits = model(input_ids=ids).logits[0, len(PROMPT) - 1 :]  # [length, V]
             probs = warp(logits, params.temperature, params.top_k, params.top_p).double()
             p = 1.0
             for j, tok in enumerate(seq):
@@ -89,15 +92,15 @@ def _drafter(kind, models):
     return CoralDrafter(head, config)
 
 
-def _run(models, verifier, params, drafter_kind="draft-model"):
+def _run(models, verifier, params, drafter_kind="draft-model", fused=False, length=LENGTH):
     target = TargetRunner(models[0], None)
     drafter = _drafter(drafter_kind, models)
-    engine = Engine(target, drafter, EngineConfig(verifier=verifier))
+    engine = Engine(target, drafter, EngineConfig(verifier=verifier, fused_first_round=fused))
     counts: Counter = Counter()
     accepted = 0
     for seed in range(RUNS):
         p = SamplingParams(
-            temperature=params.temperature, top_p=params.top_p, seed=seed, max_new_tokens=LENGTH
+            temperature=params.temperature, top_p=params.top_p, seed=seed, max_new_tokens=length
         )
         chunks = list(engine.generate(PROMPT, p))
         counts[tuple(t for c in chunks for t in c.token_ids)] += 1
@@ -117,6 +120,17 @@ def test_engine_sampling_matches_the_target_law(models, verifier, params):
     assert accepted > RUNS // 4  # drafts really get accepted: speculation is exercised
     p = _chi2(counts, _exact_law(models[0], params), RUNS)
     assert p > ALPHA, f"{verifier} {params}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.slow
+def test_the_fused_first_round_is_lossless(models):
+    """The default engine: the first token from the prompt's own forward (a plain round), the
+    next ones from a speculative round, against the exact law of the first 3 tokens."""
+    params = PARAMS[0]
+    counts, accepted = _run(models, "traversal", params, fused=True, length=3)
+    assert accepted > RUNS // 4
+    p = _chi2(counts, _exact_law(models[0], params, 3), RUNS)
+    assert p > ALPHA, f"fused first round: chi-square p = {p:.2e}"
 
 
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def test_kv_cache_after_many_rounds_with_rejections_on_smollm2(smollm2, kind):
 
     if kind == "pooled":
         smollm2 = pooled(smollm2).fork()
-    prompt = smollm2.encode("List the numbers from one to forty in words, separated by commas.")
+    prompt = smollm2.encode("Count from 1 to 30, and after every number write its square.")
     engine = Engine(smollm2, NgramDrafter(NgramConfig(min_ngram=1, max_paths=3, num_tokens=4)))
     out, rounds, rejected = [], 0, 0
     for chunk in engine.generate(prompt, SamplingParams(max_new_tokens=100)):
@@ -121,6 +121,51 @@ def test_the_runner_tracks_the_cached_ids_and_features(kind):
     r.reset()
     assert r.ids == [] and r.cached_features().shape == (0, 32)
     assert r.fork().ids == []
+
+
+@KINDS
+@pytest.mark.parametrize("prompt", [[3, 5, 7, 9, 2, 4, 6, 1], [3], [4, 8]])
+def test_prefill_root_is_prefill_then_the_roots_forward_in_one_forward(kind, prompt):
+    """prefill_root == prefill + tree_forward(root_only(last)): the same features, the same
+    root logits and feature, the same state (the root fed, not committed), one forward (the
+    pooled path in chunks of 3, the root's row in the last one)."""
+    a, b = tiny_runner(vocab=16, seed=8, kv=kind), tiny_runner(vocab=16, seed=8, kv=kind)
+    calls = []
+    inner = a.kv.forward
+    a.kv.forward = lambda *args, **kw: calls.append(1) or inner(*args, **kw)
+    feats, out = a.prefill_root(prompt)
+    want = b.prefill(prompt)
+    ref = b.tree_forward(TokenTree.root_only(prompt[-1]))
+    assert len(calls) == 1
+    assert feats.shape == want.shape == (len(prompt) - 1, 32)
+    assert torch.allclose(feats, want, atol=1e-5)
+    assert out.logits.shape == ref.logits.shape == (1, 16)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-5)
+    assert torch.allclose(out.features, ref.features, atol=1e-5)
+    assert a.ids == b.ids == prompt[:-1] and a.num_cached == len(prompt) - 1
+    assert a.kv.length() == b.kv.length() == len(prompt)
+    a.commit([0])  # then the rounds go on as after tree_forward
+    b.commit([0])
+    assert a.ids == b.ids == prompt and torch.allclose(
+        a.cached_features(), b.cached_features(), atol=1e-5
+    )
+    nxt = TokenTree.from_paths(2, [[1, 4], [5]])
+    assert torch.allclose(a.tree_forward(nxt).logits, b.tree_forward(nxt).logits, atol=1e-5)
+
+
+@KINDS
+def test_prefill_root_with_reuse_forwards_the_new_tokens_and_the_root(kind):
+    r, fresh = tiny_runner(vocab=16, seed=6, kv=kind), tiny_runner(vocab=16, seed=6, kv=kind)
+    r.prefill([3, 5, 7, 9, 2])
+    r.tree_forward(TokenTree.chain(2, [4, 6]))
+    r.commit([0, 1])  # cached: 3 5 7 9 2 4
+    for prompt, kept in [([3, 5, 7, 9, 2, 4, 6, 1, 8], 6), ([3, 5, 7, 9, 2, 4, 6, 1, 8], 8)]:
+        feats, out = r.prefill_root(prompt, reuse=True)
+        assert r.reused == kept and r.ids == prompt[:-1]
+        want = fresh.prefill(prompt)
+        assert torch.allclose(feats, want, atol=1e-5)
+        assert torch.allclose(out.logits[0], fresh.full_forward_logits(prompt), atol=1e-5)
+        r.rollback()  # (the root was fed: the same prompt again reuses every cached token)
 
 
 @KINDS

@@ -38,7 +38,7 @@ import torch
 from coralline.detok import TextStream
 from coralline.draft.base import Drafter, DraftInput, DraftProposal, check_pair, default_verifier
 from coralline.sampling import VERIFY, SamplingParams, fresh_seed, keyed_generator
-from coralline.target import TargetRunner, take_rows
+from coralline.target import TargetRunner, TreeOutput, take_rows
 from coralline.tree import TokenTree
 from coralline.verification.greedy import verify_greedy_logits
 
@@ -47,6 +47,11 @@ from coralline.verification.greedy import verify_greedy_logits
 class EngineConfig:
     verifier: str | None = None  # None = the lossless default for the drafter and temperature
     check_inputs: bool = False  # rows are computed here, so validation is for debugging only
+    # the first round decodes the prompt's last token in the prompt's own forward
+    # (TargetRunner.prefill_root): a plain round that costs no forward and no drafting, so the
+    # first token comes one round sooner; False: the first round is a round like the others
+    # (the reference it is tested against)
+    fused_first_round: bool = True
 
     def __post_init__(self) -> None:
         if self.verifier is not None:
@@ -70,7 +75,8 @@ class RoundStats:
     commit_ms: float = 0.0  # keeping the accepted path in the KV cache
     start_ns: int = 0  # the round's start (Unix epoch ns): the proposal is asked for then
     tree_depth: int = 0  # the tree's deepest node (0 = the root alone)
-    prefill_ms: float = 0.0  # round 1 only: the prompt's forward pass just before it
+    prefill_ms: float = 0.0  # round 1 only: the prompt's forward pass just before it (the
+    # fused first round's forward is that pass: its forward_ms is 0)
     plain: bool = False  # speculation was off this round (the `speculate` hook said so): the
     # drafter was not asked and the root was verified alone
 
@@ -160,7 +166,11 @@ class Engine:
         text = TextStream(target.tokenizer, params.stop) if target.tokenizer is not None else None
         plain = check_pair(None, default_verifier(None, params), params)
         t_start = time.perf_counter()
-        features = target.prefill(prompt, reuse=reuse_cache)  # [len(prompt) - 1, d]
+        first_out: TreeOutput | None = None  # the first round's output, when the prefill made it
+        if self.config.fused_first_round:
+            features, first_out = target.prefill_root(prompt, reuse=reuse_cache)  # [n - 1, d]
+        else:
+            features = target.prefill(prompt, reuse=reuse_cache)  # [len(prompt) - 1, d]
         cached = target.reused
         prefill_ms = (time.perf_counter() - t_start) * 1e3
         if drafter is not None:
@@ -177,22 +187,26 @@ class Engine:
             if self.on_round_start is not None:
                 self.on_round_start(rounds + 1)
             t0, start_ns = time.perf_counter(), time.time_ns()
-            plain_round = (
-                drafter is not None and self.speculate is not None and not self.speculate(stats)
+            first = first_out is not None  # the fused first round: its forward done, no draft
+            plain_round = (  # speculation off this round (load-adaptive: RoundStats.plain)
+                not first
+                and drafter is not None
+                and self.speculate is not None
+                and not self.speculate(stats)
             )
-            if drafter is not None and not plain_round:
+            if drafter is not None and not (first or plain_round):
                 if backlog_ids:  # one commit for every round it sat out, and this one's
                     new_ids = backlog_ids + list(new_ids)
                     features = torch.cat([*backlog_features, features])
                     accepted_last = None  # the last tree it saw was not verified
                     backlog_ids, backlog_features = [], []
-                step = DraftInput(tuple(new_ids), features, accepted_last)
+                step = DraftInput(tuple(new_ids), features, accepted_last, round=rounds + 1)
                 proposal = drafter.propose(step, params)
             else:
                 if drafter is not None:
                     backlog_ids.extend(new_ids)
                     backlog_features.append(features)
-                    plain_rounds += 1
+                    plain_rounds += plain_round
                 proposal = DraftProposal(TokenTree.root_only(context[-1]), None)
             fallback = proposal.fallback
             if (
@@ -200,7 +214,7 @@ class Engine:
                 and proposal.tree.num_nodes > target.max_context - target.num_cached
             ):
                 fallback = "context"  # near the end of the window: decode plainly
-            verify = plain.fn if plain_round else spec.fn
+            verify = plain.fn if first or plain_round else spec.fn
             if fallback is not None:
                 # the root alone (a root-only tree needs no draft rows)
                 proposal = DraftProposal(TokenTree.root_only(context[-1]), None)
@@ -208,8 +222,11 @@ class Engine:
                 fallbacks += 1
             tree = proposal.tree
             t1 = time.perf_counter()
-            out = target.tree_forward(tree)
-            tf = time.perf_counter()
+            if first_out is not None:  # its forward was the prompt's: prefill_ms holds it
+                out, first_out, tf = first_out, None, t1
+            else:
+                out = target.tree_forward(tree)
+                tf = time.perf_counter()
             check = self.config.check_inputs
             if params.greedy and self.on_round is None:  # every verifier is greedy at T = 0:
                 # the same walk on the raw logits (verify_greedy_logits), no rows, no coins

@@ -96,9 +96,10 @@ class KVCache(Protocol):
         positions: torch.Tensor,  # [n] int64
         tree: TokenTree | None,  # the n nodes' tree (ancestor mask), or None = causal
         logits: bool,  # also return the LM head's rows
+        logits_from: int = 0,  # ... of rows logits_from.. only
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append the n entries; -> hidden [n, d] (after the final norm, on the model's device)
-        and logits [n, V] (float32, on the CPU) or None."""
+        and logits [n - logits_from, V] (float32, on the CPU) or None."""
         ...
 
     def keep(self, start: int, accepted: Sequence[int]) -> None:
@@ -137,7 +138,7 @@ class DynamicKV:
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def forward(self, ids, positions, tree, logits):
+    def forward(self, ids, positions, tree, logits, logits_from=0):
         dev = next(self.model.parameters()).device
         kwargs = {}
         if tree is not None and not tree.is_chain:
@@ -153,7 +154,7 @@ class DynamicKV:
                 **kwargs,
             )
             hidden = out.last_hidden_state[0]  # [n, d]
-            rows = self.model.lm_head(hidden).float().cpu() if logits else None
+            rows = self.model.lm_head(hidden[logits_from:]).float().cpu() if logits else None
         return hidden, rows
 
     @torch.inference_mode()
@@ -293,6 +294,19 @@ class TargetRunner:
         Returns the features of all the cached tokens (a drafter's context). reuse=False starts
         from an empty cache; reuse=True keeps the longest common prefix of the cached ids and
         prompt_ids[:-1] and forwards only the rest. `reused` is set to the kept count."""
+        return self._prefill(prompt_ids, reuse, root=False)[0]
+
+    @torch.inference_mode()
+    def prefill_root(
+        self, prompt_ids: Sequence[int], reuse: bool = False
+    ) -> tuple[torch.Tensor, TreeOutput]:  # [len(prompt) - 1, d], the root's output
+        """prefill(), then tree_forward(TokenTree.root_only(prompt_ids[-1])), in one forward:
+        the prompt's last token rides with the rest of the prompt (the LM head runs on its row
+        alone), so the first token costs no forward of its own. The root is fed, not
+        committed: commit([0]) follows, as after tree_forward."""
+        return self._prefill(prompt_ids, reuse, root=True)
+
+    def _prefill(self, prompt_ids, reuse: bool, root: bool):
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt has no tokens")
@@ -307,16 +321,29 @@ class TargetRunner:
         else:
             self.reset()
         self.reused = keep
-        if n == 1:
-            return torch.empty(0, self.hidden_size, device=self.device)
-        if keep == n - 1:  # every prompt token is cached already
-            return self.cached_features()
-        new = torch.tensor(ids[keep:], dtype=torch.int64)  # [n - 1 - keep]
-        feats, _ = self.kv.forward(new, torch.arange(keep, n - 1), None, False)  # [n-1-keep, d]
-        self._keep_features(keep, feats)
-        self.ids.extend(ids[keep:])
+        last = int(prompt_ids[-1])
+        fed = ids[keep:] + ([last] if root else [])  # [m] the tokens this forward feeds
+        if fed:
+            new = torch.tensor(fed, dtype=torch.int64)  # [m]
+            # [m, d], and [1, V] for the root's row
+            feats, rows = self.kv.forward(
+                new, torch.arange(keep, keep + len(fed)), None, root, len(fed) - 1
+            )
+        cached = n - 1 - keep  # of the fed rows, those the cache keeps
+        if cached:
+            self._keep_features(keep, feats[:cached])
+            self.ids.extend(ids[keep:])
         self.num_cached = n - 1
-        return feats.float() if keep == 0 else self.cached_features()
+        if n == 1:
+            out = torch.empty(0, self.hidden_size, device=self.device)
+        elif keep == 0:
+            out = feats[:cached].float()
+        else:
+            out = self.cached_features()
+        if not root:
+            return out, None
+        self._fed = ([last], feats[cached:])
+        return out, TreeOutput(rows, feats[cached:].float())
 
     @torch.inference_mode()
     def tree_forward(self, tree: TokenTree) -> TreeOutput:

@@ -199,6 +199,25 @@ def test_ragged_forward_equals_separate_forwards(models):
         want = r.tree_forward(t)
         assert torch.allclose(logits, want.logits, atol=1e-5)
         assert torch.allclose(hidden.float(), want.features, atol=1e-5)
+    # logits_from: the LM head over an item's last rows only (a prompt's first token)
+    tree = trees[0]
+    item = Item(
+        0,
+        pool.lengths[0],
+        tree.tokens,
+        tree.position_ids(pool.lengths[0]),
+        tree.ancestor_mask,
+        True,
+        2,
+    )
+    ((hidden, logits),) = ragged_forward(target, pool, [item])
+    assert logits.shape == (2, got[0][1].shape[1])
+    assert torch.allclose(logits, got[0][1][2:], atol=1e-5)
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="logits_from"):
+            ragged_forward(
+                target, pool, [Item(0, 0, tree.tokens, tree.position_ids(0), None, True, bad)]
+            )
 
 
 @pytest.mark.parametrize("kind", ["onednn", "transposed", "torch"])

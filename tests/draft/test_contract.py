@@ -74,7 +74,8 @@ class Recorder:
 def test_the_engine_tells_the_drafter_what_was_accepted(temperature):
     """Every step after the first carries the accepted nodes of the previous proposal (a path
     of that tree whose tokens are the committed ones), or None after a fallback round; the
-    features are one per committed token but the root."""
+    features are one per committed token but the root. The first step comes after the fused
+    first round: the prompt and the first token, with a feature for every prompt token."""
     target, drafter = _coral()
     rec = Recorder(drafter, fail_every=3)
     engine = Engine(TargetRunner(target, None), rec)
@@ -83,7 +84,9 @@ def test_the_engine_tells_the_drafter_what_was_accepted(temperature):
     out = [t for c in engine.generate(prompt, params) for t in c.token_ids]
     assert len(rec.steps) > 4
     committed = len(prompt)
-    assert rec.steps[0].accepted is None and rec.steps[0].features.shape[0] == committed - 1
+    first = rec.steps[0]
+    assert first.accepted is None and list(first.new_ids) == [*prompt, out[0]]
+    assert first.features.shape[0] == committed
     for prev, step in zip(rec.proposals, rec.steps[1:], strict=False):
         assert step.features.shape[0] == len(step.new_ids)
         if prev.fallback is not None:
@@ -164,14 +167,17 @@ def test_rounds_the_drafter_sat_out_reach_it_as_one_commit(temperature):
     out = [t for c in chunks for t in c.token_ids]
     assert len(out) == 30
     plain = [c.stats.plain for c in chunks]
-    assert plain[:4] == [False, True, True, False]
+    # round 1 is the fused first round (no draft, not a load-adaptive plain round); the hook
+    # decides from round 2 on
+    assert plain[:5] == [False, False, True, True, False]
+    assert chunks[0].stats.tree_nodes == 1 and len(chunks[0].token_ids) == 1
     assert chunks[-1].summary.plain_rounds == sum(plain) > 0
     assert chunks[-1].summary.fallback_rounds == 0
     assert all(c.stats.tree_nodes == 1 and c.stats.accepted == 0 for c in chunks if c.stats.plain)
-    # the hook saw each previous round's stats (None before the first)
-    assert hook.seen[0] is None and hook.seen[1:] == [c.stats for c in chunks[:-1]]
+    # the hook saw each previous round's stats (from round 1's on)
+    assert hook.seen == [c.stats for c in chunks[:-1]]
     # the drafter was asked on the speculative rounds only, and told every committed token once
-    assert len(rec.steps) == len(chunks) - sum(plain)
+    assert len(rec.steps) == len(chunks) - sum(plain) - 1
     told = [t for s in rec.steps for t in s.new_ids]
     assert told == (prompt + out)[: len(told)] and len(told) > len(prompt) + 10
     for step in rec.steps:
@@ -179,7 +185,7 @@ def test_rounds_the_drafter_sat_out_reach_it_as_one_commit(temperature):
     after_plain = [i for i, c in enumerate(chunks[:-1]) if c.stats.plain and not plain[i + 1]]
     assert after_plain
     for i in after_plain:  # the step of round i + 2 (1-based) follows plain rounds
-        step = rec.steps[sum(not p for p in plain[: i + 1])]
+        step = rec.steps[sum(not p for p in plain[1 : i + 1])]  # (round 1 asked nobody)
         assert step.accepted is None and len(step.new_ids) >= 2
     if temperature == 0:
         plain_out = [t for c in Engine(runner).generate(prompt, params) for t in c.token_ids]

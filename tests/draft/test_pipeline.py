@@ -57,7 +57,8 @@ def _same(a, b) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(max_new_tokens=64), SamplingParams(temperature=0.8, seed=3, max_new_tokens=64)],
+    # (a seed whose run has both hits and misses: sampled bonus tokens are rarely predicted)
+    [SamplingParams(max_new_tokens=64), SamplingParams(temperature=0.8, seed=5, max_new_tokens=64)],
     ids=["greedy", "T0.8"],
 )
 def test_pre_drafted_trees_are_the_trees_drafted_after_the_commit(smollm2, params):

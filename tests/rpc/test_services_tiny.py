@@ -148,7 +148,8 @@ def test_a_rogue_drafter_costs_nothing_but_speed(tiny_stack, rogue, reference, m
         tiny_stack, params, drafter_endpoint=address, session_id=f"{mode}:{temperature}"
     )
     assert ids == reference(params)
-    assert summary.fallback_rounds == summary.rounds > 0  # no bad proposal was ever verified
+    # no bad proposal was ever verified: every round fell back but the first (the prompt's own)
+    assert summary.fallback_rounds == summary.rounds - 1 > 0
     assert servicer.opens[mode] >= 1
     info = tiny_stack.ver.Info(verifier_pb2.VerifierInfoRequest(), timeout=5)
     assert info.active_sessions == 0 or _wait_idle(tiny_stack)
@@ -162,7 +163,8 @@ def test_a_dropped_stream_is_reopened_and_the_output_is_unchanged(tiny_stack, ro
     assert servicer.opens["drop"] == 2 and summary.drafter_reconnects == 1
     assert summary.fallback_rounds == 1  # only the round whose stream broke
     verified = [n for n in tiny_stack.last_nodes if n > 1]
-    assert len(verified) == summary.rounds - 1  # every other round verified the drafter's tree
+    # every other round but the first (the prompt's own) verified the drafter's tree
+    assert len(verified) == summary.rounds - 2
 
 
 def _wait_idle(stack, timeout: float = 3.0) -> bool:
@@ -306,8 +308,39 @@ def test_the_drafter_refuses_a_head_for_another_target(tiny_stack):
     assert "serves target" in err.details()
 
 
+def test_drafter_rounds_grow_with_gaps_and_never_repeat(tiny_stack):
+    """Rounds on the drafter stream are the verifier's: a Commit may skip rounds (the verifier
+    decoded them without asking), but one that does not move forward is INVALID_ARGUMENT."""
+
+    async def stream():
+        async with grpc.aio.insecure_channel(tiny_stack.drafter.address) as ch:
+            call = drafter_pb2_grpc.DrafterServiceStub(ch).Draft()
+            req = drafter_pb2.DraftRequest()
+            o = req.open
+            o.session_id, o.drafter, o.round = "rounds-1", "ngram", 2
+            o.prompt_ids[:] = PROMPT
+            o.sampling.seed = 1
+            await call.write(req)
+            got = [(await call.read()).proposal.round]
+            for rnd in (5, 5):  # a gap (rounds 3, 4 decoded plainly), then a repeat
+                req = drafter_pb2.DraftRequest()
+                req.commit.round = rnd
+                req.commit.new_ids[:] = [PROMPT[0]]
+                await call.write(req)
+                try:
+                    got.append((await call.read()).proposal.round)
+                except grpc.aio.AioRpcError as e:
+                    return got, e
+        return got, None
+
+    got, err = tiny_stack.loop.call(stream())
+    assert got == [2, 5]
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Commit for round 5, expected a round after 5" in err.details()
+
+
 class _OneInThree:
-    """A `speculate` hook: rounds 1, 4, 7, ... speculate, the others decode plainly."""
+    """A `speculate` hook: its calls 1, 4, 7, ... speculate, the others decode plainly."""
 
     def __init__(self, *_, **__) -> None:
         self.round = 0
@@ -341,8 +374,10 @@ def test_plain_rounds_under_load_reach_the_drafter_service_as_one_commit(
         got, summary = _verify(tiny_stack, params)
         assert got == want
         assert summary.fallback_rounds == 0 and summary.drafter_reconnects == 0
-        assert summary.plain_rounds == summary.rounds - (summary.rounds + 2) // 3 > 0
-        assert tiny_stack.last_nodes[1:3] == [1, 1]  # rounds 2 and 3 verified the root alone
+        # the hook decides from round 2 on (round 1 is the prompt's own: no draft, not plain)
+        r = summary.rounds
+        assert summary.plain_rounds == (r - 1) - (r + 1) // 3 > 0
+        assert tiny_stack.last_nodes[0] == 1 and tiny_stack.last_nodes[2:4] == [1, 1]
 
 
 def test_the_measured_switch_decides_for_the_sessions_and_loses_nothing(

@@ -290,5 +290,8 @@ def test_trace_report_reads_the_spans_serve_appended(serve, tmp_path):
     assert len(mine) == 1 and mine[0]["rounds"] == result.summary.rounds
     rows = [r for r in report["rounds"] if r["trace_id"] == mine[0]["trace_id"]]
     assert len(rows) == result.summary.rounds
-    assert all(r["forward_ms"] > 0 and r["wait_ms"] is not None for r in rows)
+    # round 1's forward is the prompt's (the verifier.prefill span): the others have their own
+    assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0]["forward_ms"] == 0 and mine[0]["prefill_ms"] > 0
+    assert all(r["forward_ms"] > 0 and r["wait_ms"] is not None for r in rows[1:])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

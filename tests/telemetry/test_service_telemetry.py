@@ -243,13 +243,15 @@ def test_each_drafter_round_is_a_child_of_its_verifier_round(traced):
     server = _one(spans, tr.VERIFIER_RPC, **{"specdec.session_id": traced.sid})
     rounds = {s.span_id: s for s in spans if s.name == tr.VERIFIER_ROUND}
     drafted = [s for s in spans if s.name == tr.DRAFTER_ROUND]
-    assert len(drafted) == summary.rounds
+    # round 1 decodes the prompt's last token in the prompt's forward: no drafter round
+    assert len(drafted) == summary.rounds - 1
     by_parent = {}
     for d in drafted:
         assert d.service == DRAFTER
         assert d.parent_id in rounds, "a drafter round outside any verifier round"
+        assert rounds[d.parent_id].attributes["specdec.round"] > 1
         by_parent.setdefault(d.parent_id, []).append(d)
-    assert sorted(len(v) for v in by_parent.values()) == [1] * summary.rounds
+    assert sorted(len(v) for v in by_parent.values()) == [1] * (summary.rounds - 1)
     for parent_id, (d,) in by_parent.items():
         r = rounds[parent_id]
         # the context came in that round's Open / Commit, and it drafted for that round
@@ -381,12 +383,15 @@ def test_metrics_endpoints_agree_with_the_summary(services):
     assert v1[("coralline:num_requests_running", ())] == 0
     assert v1[("coralline:num_requests_waiting", ())] == 0
 
-    assert _delta(d1, d0, "coralline:drafter_proposals_total") == rounds - fallbacks
+    asked = [s for s in stats if s.round > 1 and not s.fallback]  # (round 1: the prompt's)
+    assert (
+        _delta(d1, d0, "coralline:drafter_proposals_total") == len(asked) == rounds - 1 - fallbacks
+    )
     assert _delta(d1, d0, "coralline:drafter_proposal_nodes_total") == sum(
-        s.tree_nodes for s in stats if not s.fallback
+        s.tree_nodes for s in asked
     )
     assert _delta(d1, d0, "coralline:drafter_sessions_opened_total") == 1
-    assert _delta(d1, d0, "coralline:drafter_head_seconds_count") == rounds - fallbacks
+    assert _delta(d1, d0, "coralline:drafter_head_seconds_count") == len(asked)
     assert d1[("coralline:drafter_sessions", ())] == 0
     assert d1[("coralline:drafter_queue_depth", ())] == 0
 
@@ -471,5 +476,5 @@ def test_a_router_request_is_one_trace_across_three_services(services):
     rounds = {s.span_id for s in spans if s.name == tr.VERIFIER_ROUND}
     assert len(rounds) == summary.rounds
     drafted = [s for s in spans if s.name == tr.DRAFTER_ROUND]
-    assert len(drafted) == summary.rounds - summary.fallback_rounds
+    assert len(drafted) == summary.rounds - 1 - summary.fallback_rounds  # (round 1: no draft)
     assert all(d.parent_id in rounds for d in drafted)

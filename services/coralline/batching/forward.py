@@ -49,6 +49,7 @@ class Item:
     mask: torch.Tensor | None  # [n, n] bool, mask[i, j]: node i may attend to node j (its
     # ancestors and itself); None = causal
     logits: bool  # also compute the LM head's rows
+    logits_from: int = 0  # ... of rows logits_from.. only (a prompt's last row: its first token)
 
     @property
     def size(self) -> int:
@@ -161,9 +162,9 @@ def ragged_forward(
     model, pool: KVPool, items: Sequence[Item], proj: Projections | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Run every item in one pass; -> per item (hidden [n, d] after the final norm, on the
-    model's device; logits [n, V] float32 on the CPU or None). Writes each item's keys / values
-    into its slot at start..start + n; the caller moves the slots' pointers. `proj`: the fused
-    projections (None: the model's own modules)."""
+    model's device; logits [n - logits_from, V] float32 on the CPU or None). Writes each item's
+    keys / values into its slot at start..start + n; the caller moves the slots' pointers.
+    `proj`: the fused projections (None: the model's own modules)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     if not items:
@@ -182,6 +183,8 @@ def ragged_forward(
     for it in items:
         if it.start + it.size > pool.slot_tokens:
             raise ValueError(f"{it.start + it.size} tokens do not fit a slot of {pool.slot_tokens}")
+        if not 0 <= it.logits_from < max(it.size, 1):
+            raise ValueError(f"logits_from {it.logits_from} outside an item of {it.size} tokens")
     small = [i for i, it in enumerate(items) if it.size <= SHARED_ATTENTION_MAX]
     shared = _SharedAttention(pool, items, small, bounds, dev) if len(small) >= 2 else None
     together = set(small) if shared is not None else set()
@@ -228,10 +231,12 @@ def ragged_forward(
     want = [i for i, it in enumerate(items) if it.logits]
     rows = {}
     if want:
-        sel = torch.cat([hidden[bounds[i] : bounds[i + 1]] for i in want])  # [sum n, d]
-        logits = model.lm_head(sel).float().cpu()  # [sum n, V]
+        first = {i: bounds[i] + items[i].logits_from for i in want}
+        sel = torch.cat([hidden[first[i] : bounds[i + 1]] for i in want])  # [sum rows, d]
+        logits = model.lm_head(sel).float().cpu()  # [sum rows, V]
         at = 0
         for i in want:
-            rows[i] = logits[at : at + sizes[i]]
-            at += sizes[i]
+            n = bounds[i + 1] - first[i]
+            rows[i] = logits[at : at + n]
+            at += n
     return [(hidden[bounds[i] : bounds[i + 1]], rows.get(i)) for i in range(len(items))]

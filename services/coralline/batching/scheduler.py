@@ -323,6 +323,7 @@ class PooledKV:
         positions: torch.Tensor,  # [n] int64
         tree: TokenTree | None,
         logits: bool,
+        logits_from: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.slot is None:
             try:
@@ -331,17 +332,28 @@ class PooledKV:
                 raise PoolFull(f"{exc}: raise --kv-slots or lower max_sessions") from exc
         s = self.scheduler
         if tree is not None:
-            item = Item(self.slot, self.length(), ids, positions, tree.ancestor_mask, logits)
+            item = Item(
+                self.slot, self.length(), ids, positions, tree.ancestor_mask, logits, logits_from
+            )
             return s.run(item, tree=True)
         step = s.config.prefill_chunk
         hidden, rows = [], []
         for a in range(0, int(ids.shape[0]), step):
+            chunk = ids[a : a + step]  # [m]
+            want = logits and a + int(chunk.shape[0]) > logits_from  # rows of it are asked for
             item = Item(
-                self.slot, self.length(), ids[a : a + step], positions[a : a + step], None, logits
+                self.slot,
+                self.length(),
+                chunk,
+                positions[a : a + step],
+                None,
+                want,
+                max(0, logits_from - a) if want else 0,
             )
             h, r = s.run(item, tree=False)
             hidden.append(h)
-            rows.append(r)
+            if r is not None:
+                rows.append(r)
         return torch.cat(hidden), (torch.cat(rows) if logits else None)
 
     def keep(self, start: int, accepted: Sequence[int]) -> None:

@@ -11,11 +11,12 @@ proposal cross between them (the proto's Open / Commit / Proposal copy `DraftInp
 The contract, stated once (tests/draft/test_contract.py checks every drafter against it):
   - The committed sequence c_0 .. c_{L-1} is the prompt followed by the generated tokens. Its
     last token c_{L-1} is the ROOT of the next tree: it has not been through the target yet.
-  - `new_ids` are the tokens committed since the last call (the whole prompt at the first
-    call); the drafter appends them to its copy of the sequence.
+  - `new_ids` are the tokens committed since the last call (at the first call everything
+    committed so far: the prompt, and with the engine's default fused first round the first
+    generated token too); the drafter appends them to its copy of the sequence.
   - `features` [m, d] are the target's features (last hidden state after the final norm) of the
     committed tokens that went through the target since the last call, in sequence order: at
-    the first call the prompt minus its last token (m = len(prompt) - 1); afterwards the
+    the first call every committed token but the root (m = len(new_ids) - 1); afterwards the
     previous root and the accepted drafts (m = len(new_ids)). So after every call the drafter
     holds exactly one feature per committed token except the root, and feature j is the
     target's state at c_j (it predicts c_{j+1}). `None` for drafters that need no features.
@@ -60,6 +61,9 @@ class DraftInput:
     new_ids: tuple[int, ...]  # committed since the last call; the last one is the new root
     features: torch.Tensor | None  # [m, d] target features of the tokens that went through it
     accepted: tuple[int, ...] | None = None  # previous proposal's accepted nodes, root first
+    # the engine's round this proposal is for (1-based; 0 = not told). Rounds the engine decodes
+    # without asking the drafter (its fused first round, load-adaptive plain rounds) leave gaps
+    round: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "new_ids", tuple(int(t) for t in self.new_ids))

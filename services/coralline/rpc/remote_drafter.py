@@ -115,6 +115,7 @@ class RemoteDrafter:
         self._features: list[torch.Tensor] = []  # [m_i, d] CPU, one row per committed token
         # but the root: what a re-Open sends
         self._round = 0
+        self._opened = False  # a stream was opened for this request (a new Open = a reconnect)
         self._call = None
         self._given_up: str | None = None  # why the rest of the request decodes plainly
         self._warned = False
@@ -124,18 +125,20 @@ class RemoteDrafter:
         self.context.extend(step.new_ids)
         if step.features is not None:
             self._features.append(step.features.detach().float().cpu())
-        self._round += 1
+        # the engine's round number when it tells it (gaps where it decoded without asking)
+        self._round = step.round if step.round > self._round else self._round + 1
         self.wire.bytes_to = self.wire.bytes_from = self.wire.drafter_ns = 0
         root = self.context[-1]
         if self._given_up is not None:
             return self._fallback(root, self._given_up)
         if self._call is None:
-            if self._round > 1:
+            if self._opened:
                 if self.wire.reconnects >= self.config.max_reconnects:
                     self._given_up = "drafter unavailable"
                     return self._fallback(root, self._given_up)
                 self.wire.reconnects += 1
             req, timeout = self._open_request(params), self.config.open_timeout_s
+            self._opened = True
         else:
             req, timeout = self._commit_request(step), self.config.round_timeout_s
         try:

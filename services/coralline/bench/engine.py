@@ -6,7 +6,10 @@
    prompt, for chain-shaped (causal) and tree-shaped (4D mask) inputs: the budget chooser's
    cost model;
 4. the KV commit strategy: in-place compaction (what the runner does) vs copying the whole
-   cache with index_select.
+   cache with index_select;
+5. the fused first round (the first token from the prompt's own forward) against the reference
+   first round (a round like the others): time to the first token and the whole answer,
+   plain and with the CORAL drafter, interleaved per prompt.
 Every configuration's greedy output is compared with HF greedy (it must be identical).
 Knows nothing about services; figures come only from this run.
 """
@@ -104,8 +107,53 @@ def kv_strategy(runner, contexts=(256, 1024), nodes: int = 16, accepted=(0, 2, 5
     return out
 
 
+def first_round(runner, encoded, params, drafters: dict, passes: int = 2) -> dict:
+    """TTFT and whole-answer time of the fused first round (EngineConfig.fused_first_round)
+    against the reference first round, for each drafter in `drafters` (name -> Drafter or None),
+    the two interleaved per prompt (the order flips each pass, so drift hits both alike).
+    -> {drafter: {"fused" | "reference": {ttft_ms_p50, answer_s, tokens, rounds}, "identical"}}"""
+    from coralline.engine import Engine, EngineConfig
+
+    out = {}
+    for name, drafter in drafters.items():
+        engines = {
+            mode: Engine(runner, drafter, EngineConfig(fused_first_round=mode == "fused"))
+            for mode in ("fused", "reference")
+        }
+        got = {
+            m: {"ttft": [], "seconds": 0.0, "tokens": 0, "rounds": 0, "outs": []} for m in engines
+        }
+        for k in range(passes):
+            for ids in encoded:
+                for mode in ("fused", "reference") if k % 2 == 0 else ("reference", "fused"):
+                    t0, first, toks, summary = time.perf_counter(), None, [], None
+                    for chunk in engines[mode].generate(ids, params):
+                        if first is None:
+                            first = time.perf_counter() - t0
+                        toks.extend(chunk.token_ids)
+                        summary = chunk.summary or summary
+                    g = got[mode]
+                    g["seconds"] += time.perf_counter() - t0
+                    g["ttft"].append(first * 1e3)
+                    g["tokens"] += len(toks)
+                    g["rounds"] += summary.rounds
+                    g["outs"].append(toks)
+        out[name] = {
+            mode: {
+                "ttft_ms_p50": round(statistics.median(g["ttft"]), 2),
+                "answer_s": round(g["seconds"], 3),
+                "tokens": g["tokens"],
+                "rounds": g["rounds"],
+            }
+            for mode, g in got.items()
+        }
+        out[name]["identical"] = got["fused"]["outs"] == got["reference"]["outs"]
+    return out
+
+
 def run(quick: bool = False, print_fn=print) -> dict:
     from coralline.draft.ngram import NgramConfig, NgramDrafter
+    from coralline.draft.registry import make_drafter
     from coralline.engine import Engine
     from coralline.sampling import SamplingParams
     from coralline.target import TargetRunner
@@ -152,6 +200,8 @@ def run(quick: bool = False, print_fn=print) -> dict:
         runner, sizes=(1, 2, 4, 8, 16) if quick else (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     )
     kv = kv_strategy(runner, contexts=(256,) if quick else (256, 1024))
+    first_drafters = {"none": None, "coral": make_drafter("coral", runner)}  # the shipped head
+    first = first_round(runner, encoded, params, first_drafters, passes=1 if quick else 2)
     report = {
         "what": "engine vs Hugging Face, greedy, SmolLM2-135M-Instruct fp32",
         "config": {"prompts": len(prompts), "max_new_tokens": n, "quick": quick},
@@ -164,6 +214,7 @@ def run(quick: bool = False, print_fn=print) -> dict:
         "generation": per,
         "cost_table": costs,
         "kv_commit": kv,
+        "first_round": first,
     }
     print_fn(
         f"{'configuration':<20}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'vs HF':>8}"
@@ -183,6 +234,13 @@ def run(quick: bool = False, print_fn=print) -> dict:
     for r in kv:
         c, i = r["compaction_ms"], r["index_select_ms"]
         print_fn(f"  context {r['context']}: {c:.3f} vs {i:.3f}")
+    print_fn("\nfirst round: fused with the prefill vs a round like the others (TTFT p50 ms, s)")
+    for name, r in first.items():
+        f, ref = r["fused"], r["reference"]
+        print_fn(
+            f"  {name:<6} TTFT {f['ttft_ms_p50']:.1f} vs {ref['ttft_ms_p50']:.1f}, answers "
+            f"{f['answer_s']:.2f} vs {ref['answer_s']:.2f} s, identical {r['identical']}"
+        )
     return report
 
 

@@ -19,3 +19,22 @@ def test_the_first_round_ab_reports_identical_answers_and_both_timings(smollm2):
             assert r[mode]["ttft_ms_p50"] > 0 and r[mode]["answer_s"] > 0
     # plain decoding: one token a round either way (the fused round 1 is a round too)
     assert report["none"]["fused"]["rounds"] == report["none"]["reference"]["rounds"] == 48
+
+
+def test_the_coral_bench_tau_counts_the_rounds_the_drafter_drafted(smollm2):
+    """bench/coral.py's tau (the head's quality) leaves out round 1, which the engine decodes
+    in the prompt's own forward without asking the drafter; every other round counts."""
+    from coralline.bench.coral import measure_t0
+    from coralline.draft.registry import make_drafter
+    from coralline.engine import Engine
+
+    encoded = [smollm2.encode("Repeat after me: one two three, one two three, one two three.")]
+    params = SamplingParams(max_new_tokens=24)
+    m = measure_t0(smollm2, make_drafter("coral", smollm2), encoded, params)
+    chunks = list(Engine(smollm2, make_drafter("coral", smollm2)).generate(encoded[0], params))
+    drafted = [c.stats for c in chunks if c.stats.round > 1]
+    assert chunks[0].stats.round == 1 and chunks[0].stats.tree_nodes == 1
+    assert m["rounds"] == len(drafted) == len(chunks) - 1
+    accepted = sum(s.accepted for s in drafted)
+    assert accepted > 0  # the shipped head (with prompt lookup) predicts the repetition
+    assert m["tau"] == 1 + accepted / len(drafted)

@@ -109,6 +109,14 @@ def paired_verifier_tau(
     return {v: {"tau": 1 + sums[v] / max(1, rounds), "rounds": rounds} for v in verifiers}
 
 
+def _drafted(s) -> tuple[int, int]:
+    """(accepted drafts, drafted rounds) of one generation's Summary. The engine decodes the
+    first token in the prompt's own forward (EngineConfig.fused_first_round) without asking
+    the drafter, so the drafter's rounds are all but that one: tau here is the drafter's, over
+    the rounds it drafted (as EAGLE reports it), and does not move with answer length."""
+    return round((s.acceptance_length - 1) * s.rounds), s.rounds - 1
+
+
 def measure_t0(runner, drafter, encoded, params, reference=None) -> dict:
     """Greedy generation of every prompt with one drafter (None = plain): tau, tokens/s,
     draft/verify/LM-head ms, and whether each output equals `reference` (when given)."""
@@ -132,15 +140,16 @@ def measure_t0(runner, drafter, encoded, params, reference=None) -> dict:
             r["identical"] &= out == reference[i]
         r["tokens"] += len(out)
         r["seconds"] += secs
-        r["rounds"] += s.rounds
-        r["accepted"] += round((s.acceptance_length - 1) * s.rounds)
+        accepted, drafted = _drafted(s)
+        r["rounds"] += drafted
+        r["accepted"] += accepted
         r["draft_ms"] += s.draft_ms
         r["verify_ms"] += s.verify_ms
         if drafter is not None:
             r["lm_head_ms"] += drafter.lm_head_ms  # the drafter restarts it per sequence
-    r["tau"] = 1 + r["accepted"] / r["rounds"]
+    r["tau"] = 1 + r["accepted"] / max(1, r["rounds"])
     r["tokens_per_second"] = r["tokens"] / r["seconds"]
-    r["draft_lm_head_ms_per_round"] = r["lm_head_ms"] / r["rounds"]
+    r["draft_lm_head_ms_per_round"] = r["lm_head_ms"] / max(1, r["rounds"])
     return r
 
 
@@ -161,11 +170,11 @@ def lm_head_paired(runner, head, encoded, params) -> dict:
         _, _, s = timed_generate(Engine(runner, drafter), ids, params)
         grouped += drafter.lm_head_ms  # both restart per sequence
         full += drafter.full_lm_head_ms
-        rounds += s.rounds
+        rounds += _drafted(s)[1]
     return {
         "rounds": rounds,
-        "grouped_ms_per_round": grouped / rounds,
-        "full_ms_per_round": full / rounds,
+        "grouped_ms_per_round": grouped / max(1, rounds),
+        "full_ms_per_round": full / max(1, rounds),
         "ratio": full / grouped,
     }
 
@@ -196,7 +205,8 @@ def tau_by_prompt_set(runner, head, n_prompts: int, n_tokens: int = 64) -> dict:
     """60-node EAGLE-2 tau (full LM head), the head alone and sharing the nodes with prompt
     lookup, on the first n_prompts held-out prompts, split as the benches use them: "bench"
     (the first 6, `coralline bench coral`'s), "tuning" (the next 8, where budgets were tuned)
-    and "others"; "all" pools them. tau = 1 + accepted drafts / rounds, summed over prompts."""
+    and "others"; "all" pools them. tau = 1 + accepted drafts / drafted rounds, summed over
+    prompts."""
     from coralline.draft.coral_drafter import CoralDrafter
     from coralline.draft.registry import coral_config
     from coralline.sampling import SamplingParams
@@ -306,9 +316,9 @@ def run(
             for seed in range(seeds):
                 p = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=n_tokens)
                 _, _, s = timed_generate(engine, ids, p)
-                acc += round((s.acceptance_length - 1) * s.rounds)
-                rounds += s.rounds
-        t1[verifier] = {"tau": 1 + acc / rounds, "rounds": rounds}
+                accepted, drafted = _drafted(s)
+                acc, rounds = acc + accepted, rounds + drafted
+        t1[verifier] = {"tau": 1 + acc / max(1, rounds), "rounds": rounds}
     t1["traversal_gain_percent"] = 100 * (t1["traversal"]["tau"] / t1["rrsw"]["tau"] - 1)
     # the same comparison on identical trees (paired): the chooser's trees (small on a CPU,
     # where the verifiers often coincide: a single draft is verified alike by all), the fixed

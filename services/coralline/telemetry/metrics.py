@@ -17,8 +17,8 @@ Formulas (PromQL over a window w):
   network per round        = draft_wait - drafter time (coralline:draft_network_seconds)
 A "draft" is a round that verified a drafter's proposal; rounds that verified the root alone
 (no drafter, or a fallback) count in rounds_total but not in drafts, so tau here is the
-speculating rounds' tau (Summary.acceptance_length averages over all rounds: equal without
-fallbacks).
+speculating rounds' tau (Summary.acceptance_length averages over all rounds: the first one,
+decoded in the prompt's forward, fallbacks and plain rounds included).
 
 Each service owns a CollectorRegistry (several services in one test process never collide);
 `serve_metrics` exposes one on 127.0.0.1 unless told otherwise. Recording costs a few

@@ -401,6 +401,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             model=args.model,
             checkpoint=args.draft_checkpoint,
             threads=args.threads,
+            repeats=args.repeats,
             command="coralline " + " ".join(sys.argv[1:]),
         )
     elif args.what == "telemetry":
@@ -1054,7 +1055,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
-        help="router: runs per prompt and path in the overhead step (default 2; quick 1)",
+        help="router: runs per prompt and path in the overhead step (default 2; quick 1); "
+        "load: passes over the methods, every other one in reverse order, medians reported "
+        "(default 1); telemetry: passes over the prompts",
     )
     b.add_argument(
         "--cancel-trials",

@@ -74,11 +74,40 @@ def test_engine_plain_batched_on_a_tiny_model_and_the_report(tmp_path):
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_passes_alternate_the_order_and_report_medians_on_smollm2():
+    """repeats=3 on the real target, two in-process methods: passes run A B, B A, A B; each
+    point's figure is the median of its three passes, listed beside it; outputs agree."""
+    cfg = lb.LoadBenchConfig.quick(methods=("hf-batched", "engine-plain"), repeats=3)
+    report = lb.run(cfg)
+    assert report["pass_orders"] == [
+        ["hf-batched", "engine-plain"],
+        ["engine-plain", "hf-batched"],
+        ["hf-batched", "engine-plain"],
+    ]
+    assert [r["method"] for r in report["results"]] == ["hf-batched", "engine-plain"]
+    for res in report["results"]:
+        assert res["passes"] == 3 and [p["concurrency"] for p in res["points"]] == [1, 2]
+        for pt in res["points"]:
+            runs = pt["aggregate_tok_s_passes"]
+            assert len(runs) == 3 and pt["aggregate_tok_s"] == sorted(runs)[1]
+            assert pt["outputs_stable"] and pt["tokens"] == 2 * 8
+        assert res["agrees_with"]["same"] == res["agrees_with"]["outputs"] == 4
+    md = lb.markdown(report)
+    assert "- engine-plain: medians of 3 passes (alternating order)" in md
+
+
+def test_one_pass_is_reported_as_it_ran():
+    run = {"method": "m", "points": [{"concurrency": 1, "aggregate_tok_s": 5.0}]}
+    assert lb.merge_passes([run]) is run
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="unknown methods"):
         lb.LoadBenchConfig(methods=("tgi",))
     with pytest.raises(ValueError, match=">= 1"):
         lb.LoadBenchConfig(concurrency=(0, 2))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        lb.LoadBenchConfig(repeats=0)
     assert lb.LoadBenchConfig.quick().concurrency == (1, 2)
 
 

@@ -34,7 +34,10 @@ with EOS ignored (vLLM's `ignore_eos`, coralline's `SamplingParams.ignore_eos`),
 request makes exactly max_new_tokens tokens and every method does the same work; the token
 counts are reported per point.
 Methods run one after the other on the same machine in one run; figures are for orientation
-(2 shared cores here: every service and the client compete for them).
+(2 shared cores here: every service and the client compete for them). A shared machine drifts
+by 10-30% within a run, so `repeats` > 1 makes that many passes over the methods, every other
+pass in reverse order (A B C, C B A, ...: drift falls on every method alike), and reports each
+point's median over the passes with every pass's figure beside it (`merge_passes`).
 
 Knows nothing about how each method works inside; it times what clients see.
 """
@@ -76,6 +79,7 @@ class LoadBenchConfig:
     checkpoint: str | None = None  # a CORAL head folder (default: the shipped one)
     threads: int = 2  # every method's compute threads: vLLM's OpenMP threads, this process's
     # torch (hf-batched, engine-plain) and the verifier's (CORALLINE_THREADS); the drafter keeps 1
+    repeats: int = 1  # passes over the methods, alternating their order; medians reported
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -87,6 +91,8 @@ class LoadBenchConfig:
             raise ValueError("concurrency levels must be >= 1")
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
+        if self.repeats < 1:
+            raise ValueError("repeats must be >= 1")
 
     @classmethod
     def quick(cls, **kw) -> LoadBenchConfig:
@@ -319,10 +325,9 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
     import torch
 
     from coralline import models
-    from coralline.bench import peers
     from coralline.bench.pipeline import _machine, _prompts
     from coralline.target import TargetConfig, TargetRunner
-    from coralline.threads import on_own_thread, one_thread_here
+    from coralline.threads import one_thread_here
 
     torch.set_num_threads(cfg.threads)
     one_thread_here()  # in-process methods compute on threads of their own (threads.py)
@@ -330,43 +335,19 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
     texts = [p for _, p in _prompts(runner.tokenizer, cfg.prompts)]
     prompts = [runner.encode(t) for t in texts]
     folder = str(models.resolve(cfg.model))
-    results, notes = [], []
-    for method in cfg.methods:
-        t0 = time.perf_counter()
-        _log(f"{method} ...")
-        try:
-            if method in ("vllm", "vllm-ngram"):
-                if peers.vllm_python() is None:
-                    notes.append(f"{method} skipped: {peers.install_hint()}")
-                    continue
-                res = peers.run_vllm(
-                    folder,
-                    prompts,
-                    list(cfg.concurrency),
-                    cfg.max_new_tokens,
-                    ngram=method == "vllm-ngram",
-                    threads=cfg.threads,
-                )
-                res["method"] = method
-            elif method == "hf-batched":
-                res = on_own_thread(
-                    lambda: peers.run_hf_batched(
-                        runner.model, prompts, list(cfg.concurrency), cfg.max_new_tokens
-                    )
-                )
-                res["method"] = method
-            elif method == "engine-plain":
-                res = _engine_plain(cfg, prompts, runner)
-            elif method.startswith("verifier-"):
-                res = _verifier_coral(cfg, prompts, method)
-            else:
-                res = _stack_coral(cfg, prompts)
-        except Exception as exc:  # one method failing does not lose the others' figures
-            notes.append(f"{method} failed: {type(exc).__name__}: {exc}")
-            _log(notes[-1])
-            continue
-        res["seconds"] = time.perf_counter() - t0
-        results.append(res)
+    passes: dict[str, list[dict]] = {}
+    notes: list[str] = []
+    orders = []
+    for k in range(cfg.repeats):
+        order = cfg.methods if k % 2 == 0 else tuple(reversed(cfg.methods))
+        orders.append(list(order))
+        if cfg.repeats > 1:
+            _log(f"pass {k + 1}/{cfg.repeats}: {', '.join(order)}")
+        for method in order:
+            res = _run_method(method, cfg, prompts, runner, folder, notes)
+            if res is not None:
+                passes.setdefault(method, []).append(res)
+    results = [merge_passes(passes[m]) for m in cfg.methods if m in passes]
     _agreement(results, cfg.max_new_tokens)
     return {
         "bench": "load",
@@ -380,10 +361,94 @@ def run(cfg: LoadBenchConfig, command: str = "") -> dict:
             "methods": list(cfg.methods),
             "model": cfg.model,
             "greedy": True,
+            "repeats": cfg.repeats,
         },
+        "pass_orders": orders,  # the order the methods ran in, pass by pass
         "results": results,
-        "notes": notes,
+        "notes": list(dict.fromkeys(notes)),  # a skipped peer is noted once, not per pass
     }
+
+
+def _run_method(method: str, cfg, prompts, runner, folder: str, notes: list[str]) -> dict | None:
+    """One method's points at every concurrency; None when it was skipped or failed (why is
+    appended to `notes`: one method failing does not lose the others' figures)."""
+    from coralline.bench import peers
+    from coralline.threads import on_own_thread
+
+    t0 = time.perf_counter()
+    _log(f"{method} ...")
+    try:
+        if method in ("vllm", "vllm-ngram"):
+            if peers.vllm_python() is None:
+                notes.append(f"{method} skipped: {peers.install_hint()}")
+                return None
+            res = peers.run_vllm(
+                folder,
+                prompts,
+                list(cfg.concurrency),
+                cfg.max_new_tokens,
+                ngram=method == "vllm-ngram",
+                threads=cfg.threads,
+            )
+            res["method"] = method
+        elif method == "hf-batched":
+            res = on_own_thread(
+                lambda: peers.run_hf_batched(
+                    runner.model, prompts, list(cfg.concurrency), cfg.max_new_tokens
+                )
+            )
+            res["method"] = method
+        elif method == "engine-plain":
+            res = _engine_plain(cfg, prompts, runner)
+        elif method.startswith("verifier-"):
+            res = _verifier_coral(cfg, prompts, method)
+        else:
+            res = _stack_coral(cfg, prompts)
+    except Exception as exc:  # one method failing does not lose the others' figures
+        notes.append(f"{method} failed: {type(exc).__name__}: {exc}")
+        _log(notes[-1])
+        return None
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+# the point figures a merge takes the median of (the others come from the first pass)
+_MEDIAN_KEYS = (
+    "aggregate_tok_s",
+    "per_session_tok_s",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "ttft_p50_ms",
+    "acceptance_length",
+    "plain_round_share",
+)
+
+
+def merge_passes(runs: list[dict]) -> dict:
+    """One method's results from several passes -> one result: each point's figures are the
+    median over the passes (`_MEDIAN_KEYS`), with every pass's figure in `<key>_passes`; the
+    outputs, token counts and other fields are the first pass's, `outputs_stable` says whether
+    every pass produced the same outputs, `seconds` sums the passes. One run is returned as
+    it is."""
+    if len(runs) == 1:
+        return runs[0]
+    import statistics
+
+    out = {**runs[0], "passes": len(runs), "seconds": sum(r.get("seconds", 0.0) for r in runs)}
+    points = []
+    for i, first in enumerate(runs[0]["points"]):
+        same = [r["points"][i] for r in runs if i < len(r["points"])]
+        pt = dict(first)
+        for key in _MEDIAN_KEYS:
+            values = [q.get(key) for q in same]
+            if any(v is None for v in values):
+                continue
+            pt[key] = statistics.median(values)
+            pt[f"{key}_passes"] = values
+        pt["outputs_stable"] = all(q["outputs"] == first["outputs"] for q in same)
+        points.append(pt)
+    out["points"] = points
+    return out
 
 
 def _agreement(results: list[dict], n: int) -> None:
@@ -433,6 +498,21 @@ def markdown(report: dict, plot: str | None = None) -> str:
             )
     lines.append("")
     for res in report["results"]:
+        if res.get("passes", 1) > 1:
+            per = "; ".join(
+                f"{pt['concurrency']}: "
+                + " / ".join(_f(v) for v in pt.get("aggregate_tok_s_passes", []))
+                for pt in res["points"]
+            )
+            lines.append(
+                f"- {res['method']}: medians of {res['passes']} passes (alternating order); "
+                f"aggregate tok/s of each pass by sessions: {per}"
+            )
+            unstable = [pt["concurrency"] for pt in res["points"] if not pt["outputs_stable"]]
+            if unstable:
+                lines.append(
+                    f"- {res['method']}: outputs differed between passes at {unstable} sessions"
+                )
         a = res.get("agrees_with")
         if a:
             lines.append(

@@ -222,7 +222,7 @@ class Engine:
                 fallbacks += 1
             tree = proposal.tree
             t1 = time.perf_counter()
-            if first_out is not None:  # its forward was the prompt's: prefill_ms holds it
+            if first:  # its forward was the prompt's: prefill_ms holds it
                 out, first_out, tf = first_out, None, t1
             else:
                 out = target.tree_forward(tree)

@@ -10,6 +10,7 @@ from coralline.cpu_linear import (
     TransposedLinear,
     best_kind,
     cpu_linears,
+    onednn_pack,
     transpose_linears,
 )
 
@@ -71,6 +72,25 @@ def test_onednn_outputs_weights_and_state_dict_match_nn_linear(bias):
     x = torch.randn(5, 24)
     with torch.inference_mode():
         assert torch.allclose(d(x), other(x), atol=1e-5)
+
+
+def test_the_blocked_onednn_pack_computes_what_the_plain_copy_does():
+    """The reordered pack (the default) against oneDNN's plain [out, in] copy: bitwise from
+    2 rows on, and within rounding at 1 row (where oneDNN takes another kernel)."""
+    torch.manual_seed(0)
+    w = torch.randn(200, 96)
+    blocked, layout = onednn_pack(w)
+    assert layout == "blocked"  # this torch has the reorder: the fallback is not what runs
+    assert OneDnnLinear(nn.Linear(96, 200)).layout == "blocked"
+    plain = w.to_mkldnn()
+    with torch.inference_mode():
+        for m in (1, 2, 5, 16, 64):
+            x = torch.randn(m, 96)
+            got = torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "")
+            want = torch.ops.mkldnn._linear_pointwise(x, plain, None, "none", [], "")
+            assert torch.allclose(got, want, atol=1e-5)
+            if m > 1:
+                assert torch.equal(got, want), m
 
 
 @pytest.mark.parametrize("kind", ["onednn", "transposed", "torch"])

@@ -5,13 +5,15 @@ a tree or a batch of decode steps feeds, and how slow differs by vendor. `best_k
 oneDNN wherever torch has it (measured on the AMD EPYC machines; not yet on the Xeon, where
 the transposed layout below was tuned: `TargetConfig(cpu_linears="transposed")` keeps it).
 
-oneDNN (`OneDnnLinear`, the default where torch has it): the layer keeps a oneDNN copy of W and
-calls `torch.ops.mkldnn._linear_pointwise`. Measured on the 2-core AMD EPYC (2 threads,
-2026-12-02), SmolLM2-135M target forward after 200 cached tokens, ms, n = 1 / 2 / 4 / 8 / 16 /
-32 / 64 nodes: nn.Linear 73 / 126 / 103 / 105 / 129 / 181 / 275; transposed (below) 68 / 103 /
-120 / 93 / 113 / 146 / 201; oneDNN 48 / 52 / 60 / 66 / 84 / 116 / 169. The LM head alone
-(49152 x 576) at M = 1 / 4 / 16 / 64 rows: 13 / 22 / 29 / 66 ms with nn.Linear, 5 / 10 / 12 /
-24 with oneDNN.
+oneDNN (`OneDnnLinear`, the default where torch has it): the layer keeps a oneDNN copy of W,
+reordered once into oneDNN's blocked layout (`onednn_pack`: a quarter to a third off a forward
+of 1-12 sessions against the plain copy used before 2026-12-03), and calls
+`torch.ops.mkldnn._linear_pointwise`. Measured with the plain copy on the 2-core AMD EPYC (2
+threads, 2026-12-02), SmolLM2-135M target forward after 200 cached tokens, ms, n = 1 / 2 / 4 / 8
+/ 16 / 32 / 64 nodes: nn.Linear 73 / 126 / 103 / 105 / 129 / 181 / 275; transposed (below) 68 /
+103 / 120 / 93 / 113 / 146 / 201; oneDNN 48 / 52 / 60 / 66 / 84 / 116 / 169. The LM head alone
+(49152 x 576) at M = 1 / 4 / 16 / 64 rows: 13 / 22 / 29 / 66 ms with nn.Linear, 5 / 10 / 12 / 24
+with oneDNN.
 
 Transposed (`TransposedLinear`, kept for CPUs where it wins and as the fallback):
 
@@ -106,6 +108,27 @@ def transpose_linears(module: nn.Module, keep_original: bool = False) -> nn.Modu
     return module
 
 
+def onednn_pack(weight: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """W [out, in] -> (oneDNN's copy of it, its layout). "blocked": reordered once into the
+    layout its inner product kernels read (`mkldnn._reorder_linear_weight`, what inductor's
+    oneDNN fusion uses). "plain", the fallback where torch lacks that op: a `to_mkldnn()`
+    copy in the [out, in] layout, for which each call pays for a layout its kernel does not
+    want. Measured on the 2-core AMD EPYC (2 threads, 2026-12-03), ms per call at M = 2 / 8 /
+    32 rows, plain -> blocked: the LM head 49152 x 576 5.2 / 6.2 / 8.6 -> 4.0 / 3.8 / 6.8; an
+    MLP's gate / up 3072 x 576 0.16 / 0.20 / 0.41 -> 0.08 / 0.11 / 0.32; level from ~512 rows.
+    A whole SmolLM2 forward of 1 / 4 / 12 one-token sessions: 39 / 52 / 70 -> 29 / 35 / 54 ms.
+    Outputs are bitwise the plain copy's from 2 rows on; at 1 row oneDNN takes another kernel
+    (within ~4e-5 on SmolLM2's logits, the same argmax)."""
+    w = weight.detach().contiguous()  # [out, in]
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if reorder is not None:
+        try:
+            return reorder(w, None), "blocked"
+        except RuntimeError:  # a dtype or build the reorder does not take
+            pass
+    return w.to_mkldnn(), "plain"
+
+
 class OneDnnLinear(nn.Module):
     """nn.Linear through oneDNN's fp32 inner product, with W reordered once (inference only)."""
 
@@ -121,7 +144,7 @@ class OneDnnLinear(nn.Module):
         self._repack()
 
     def _repack(self) -> None:
-        self._packed = self.weight.detach().contiguous().to_mkldnn()  # oneDNN [out, in]
+        self._packed, self.layout = onednn_pack(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         flat = x.reshape(-1, self.in_features)  # [M, in]
@@ -207,7 +230,7 @@ class FusedLinear(nn.Module):
             if isinstance(layers[0], TransposedLinear)
             else "torch"
         )
-        self._packed = w.contiguous().to_mkldnn() if self.kind == "onednn" else None
+        self._packed = onednn_pack(w)[0] if self.kind == "onednn" else None
         self._w_t = w.t().contiguous() if self.kind == "transposed" else None  # [in, sum out]
         self._w = w if self.kind == "torch" else None  # [sum out, in]
 

@@ -76,6 +76,12 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     assert costs.cache_file(sched.model, "f" * 64, fused=False) != costs.cache_file(
         sched.model, "f" * 64
     )
+    # the linear layers' kind and their pack's layout name the table too (cpu_linear.py)
+    from coralline.cpu_linear import cpu_linears
+
+    onednn = cpu_linears(tiny_llama(20, seed=4), "onednn")
+    assert "-OneDnnLinear-blocked-" in costs.cache_file(onednn, "f" * 64).name
+    assert "-Linear-" in costs.cache_file(sched.model, "f" * 64).name
     probed = []
 
     def probe_only(scheduler, totals=costs.TOTALS, **kw):  # the machine as fast as the cache

@@ -61,7 +61,9 @@ def cache_file(model, fingerprint: str, fused: bool = True) -> Path:
     from coralline.models import cache_dir
 
     p = next(model.parameters())
-    kernel = type(model.get_output_embeddings()).__name__  # the linear layers' kind (cpu_linear)
+    head = model.get_output_embeddings()
+    kernel = type(head).__name__  # the linear layers' kind (cpu_linear), and their pack's layout
+    kernel += f"-{head.layout}" if hasattr(head, "layout") else ""
     kernel += "-fused" if fused else ""  # the scheduler's fused projections (forward.py)
     name = (
         f"{fingerprint[:16]}-{_device_name(p.device)}-{p.dtype}-{kernel}-{torch.get_num_threads()}t"

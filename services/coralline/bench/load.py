@@ -6,7 +6,9 @@ requests (request i = prompt i % prompts) with c in flight at any time, `max_new
   vllm, vllm-ngram   vLLM's CPU build (fp32, eager, the same converted folder), plain and with
                      its n-gram speculation, in its own venv (`make bench-peers`; skipped with
                      the hint when absent): bench/peers.py, bench/vllm_peer.py
-  hf-batched         HF `generate`, plain, left-padded batches of c
+  hf-batched         HF `generate`, plain, left-padded batches of c, over the target as this
+                     process loaded it (its linear layers are coralline's CPU kernels:
+                     cpu_linear.py), so the row measures batching, not kernels
   engine-plain       the engine's plain decoding, sessions batched by the batch scheduler
                      (batching/), in this process
   verifier-coral     coralline: `coralline drafter` + `coralline verifier` (batched, every

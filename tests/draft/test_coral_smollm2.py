@@ -19,6 +19,31 @@ def test_a_head_ships_for_the_default_target():
     assert size < 15 * 2**20
 
 
+def test_the_drafter_runs_its_head_on_onednn_and_computes_what_the_trained_head_does(smollm2):
+    """make_drafter swaps the CPU fp32 head's nn.Linear layers for oneDNN's (blocked weights,
+    as the target's); the head computes what the head as trained (nn.Linear) does."""
+    from torch import nn
+
+    from coralline.cpu_linear import OneDnnLinear
+
+    fast = make_drafter("coral", smollm2).head
+    assert not any(isinstance(m, nn.Linear) for m in fast.modules())
+    swapped = [m for m in fast.modules() if isinstance(m, OneDnnLinear)]
+    assert len(swapped) >= 9 and {m.layout for m in swapped} == {"blocked"}  # fc, q k v o,
+    # gate up down, the router's two
+    ref = CoralHead.load(str(shipped_head("smollm2-135m-instruct"))).attach(smollm2.model)
+    g = torch.Generator().manual_seed(0)
+    d = ref.config.hidden_size
+    for n in (1, 5):
+        ids = torch.randint(0, smollm2.vocab_size, (1, n), generator=g)
+        feats = torch.randn(1, n, d, generator=g)
+        pos = torch.arange(n)[None]
+        with torch.inference_mode():
+            got, want = fast(ids, feats, pos), ref(ids, feats, pos)
+            assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+            assert torch.allclose(fast.router_logits(got[0]), ref.router_logits(got[0]), atol=1e-4)
+
+
 _REFERENCES: dict = {}
 
 

@@ -112,6 +112,7 @@ def first_round(runner, encoded, params, drafters: dict, passes: int = 2) -> dic
     against the reference first round, for each drafter in `drafters` (name -> Drafter or None),
     the two interleaved per prompt (the order flips each pass, so drift hits both alike).
     -> {drafter: {"fused" | "reference": {ttft_ms_p50, answer_s, tokens, rounds}, "identical"}}"""
+    from coralline.bench.load import chunks_request
     from coralline.engine import Engine, EngineConfig
 
     out = {}
@@ -126,18 +127,13 @@ def first_round(runner, encoded, params, drafters: dict, passes: int = 2) -> dic
         for k in range(passes):
             for ids in encoded:
                 for mode in ("fused", "reference") if k % 2 == 0 else ("reference", "fused"):
-                    t0, first, toks, summary = time.perf_counter(), None, [], None
-                    for chunk in engines[mode].generate(ids, params):
-                        if first is None:
-                            first = time.perf_counter() - t0
-                        toks.extend(chunk.token_ids)
-                        summary = chunk.summary or summary
+                    r, summary = chunks_request(0, engines[mode].generate(ids, params))
                     g = got[mode]
-                    g["seconds"] += time.perf_counter() - t0
-                    g["ttft"].append(first * 1e3)
-                    g["tokens"] += len(toks)
+                    g["seconds"] += time.perf_counter() - r.start
+                    g["ttft"].append((r.token_times[0] - r.start) * 1e3)
+                    g["tokens"] += len(r.token_ids)
                     g["rounds"] += summary.rounds
-                    g["outs"].append(toks)
+                    g["outs"].append(r.token_ids)
         out[name] = {
             mode: {
                 "ttft_ms_p50": round(statistics.median(g["ttft"]), 2),

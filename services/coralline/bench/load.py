@@ -157,8 +157,10 @@ def closed_loop(
     return out
 
 
-def _chunks_request(i: int, chunks) -> tuple[Request, object]:
-    """A Request from a stream of chunks with .token_ids (and the last .summary)."""
+def chunks_request(i: int, chunks) -> tuple[Request, object]:
+    """A Request from a stream of chunks with .token_ids (and the last .summary): every token's
+    arrival time, from the moment this is called (the request's start). Also what
+    `coralline bench engine` times its first-round A/B with."""
     r = Request(index=i, start=time.perf_counter())
     summary = None
     for chunk in chunks:
@@ -184,7 +186,7 @@ def _engine_plain(cfg, prompts, runner) -> dict:
         if not hasattr(local, "runner"):
             one_thread_here()  # the scheduler's thread alone computes with a team (threads.py)
             local.runner = root.fork()
-        r, s = _chunks_request(i, Engine(local.runner).generate(ids, params))
+        r, s = chunks_request(i, Engine(local.runner).generate(ids, params))
         local.runner.reset()
         return _Served(r, s.acceptance_length if s else None)
 
@@ -208,7 +210,7 @@ def _sdk(method: str, cfg, prompts, address: str, drafter: str | None = None) ->
         chunks = local.client.stream(
             token_ids=ids, max_new_tokens=cfg.max_new_tokens, drafter=drafter, ignore_eos=True
         )
-        r, s = _chunks_request(i, chunks)
+        r, s = chunks_request(i, chunks)
         if s is None:
             return _Served(r)
         return _Served(r, s.acceptance_length, {"rounds": s.rounds, "plain_rounds": s.plain_rounds})

@@ -6,7 +6,7 @@ oneDNN wherever torch has it (measured on the AMD EPYC machines; not yet on the 
 the transposed layout below was tuned: `TargetConfig(cpu_linears="transposed")` keeps it).
 
 oneDNN (`OneDnnLinear`, the default where torch has it): the layer keeps a oneDNN copy of W,
-reordered once into oneDNN's blocked layout (`onednn_pack`: a quarter to a third off a forward
+reordered once into oneDNN's blocked layout (`onednn_pack`: a fifth to a third off a forward
 of 1-12 sessions against the plain copy used before 2026-12-03), and calls
 `torch.ops.mkldnn._linear_pointwise`. Measured with the plain copy on the 2-core AMD EPYC (2
 threads, 2026-12-02), SmolLM2-135M target forward after 200 cached tokens, ms, n = 1 / 2 / 4 / 8

@@ -9,6 +9,7 @@ from coralline.cpu_linear import (
     OneDnnLinear,
     TransposedLinear,
     best_kind,
+    cpu_inference_linears,
     cpu_linears,
     onednn_pack,
     transpose_linears,
@@ -72,6 +73,13 @@ def test_onednn_outputs_weights_and_state_dict_match_nn_linear(bias):
     x = torch.randn(5, 24)
     with torch.inference_mode():
         assert torch.allclose(d(x), other(x), atol=1e-5)
+
+
+def test_only_fp32_modules_on_the_cpu_get_the_cpu_kinds():
+    fp32 = cpu_inference_linears(nn.Sequential(nn.Linear(8, 4)), "onednn")
+    assert isinstance(fp32[0], OneDnnLinear)
+    bf16 = cpu_inference_linears(nn.Sequential(nn.Linear(8, 4)).to(torch.bfloat16), "onednn")
+    assert type(bf16[0]) is nn.Linear
 
 
 def test_the_blocked_onednn_pack_computes_what_the_plain_copy_does():

@@ -144,7 +144,7 @@ class OneDnnLinear(nn.Module):
         self._repack()
 
     def _repack(self) -> None:
-        self._packed, self.layout = onednn_pack(self.weight.detach())
+        self._packed, self.layout = onednn_pack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         flat = x.reshape(-1, self.in_features)  # [M, in]
@@ -178,6 +178,16 @@ def cpu_linears(module: nn.Module, kind: str = "auto") -> nn.Module:
         return transpose_linears(module, keep_original=True)
     if kind == "onednn":
         _swap(module)
+    return module
+
+
+def cpu_inference_linears(module: nn.Module, kind: str = "auto") -> nn.Module:
+    """cpu_linears(module, kind) when its weights are fp32 on the CPU, the one case the kinds
+    are for; else module unchanged. -> module. Where the target (target.py) and the drafter's
+    CORAL head (draft/registry.py) get their layers."""
+    p = next(module.parameters(), None)
+    if p is not None and p.device.type == "cpu" and p.dtype == torch.float32:
+        cpu_linears(module, kind)
     return module
 
 

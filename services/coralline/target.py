@@ -215,10 +215,9 @@ class TargetRunner:
 
         config = config or TargetConfig()
         model, tok = models.load(config.model, _DTYPES[config.dtype], config.device)
-        if config.device == "cpu" and config.dtype == "float32":
-            from coralline.cpu_linear import cpu_linears
+        from coralline.cpu_linear import cpu_inference_linears
 
-            cpu_linears(model, config.cpu_linears)
+        cpu_inference_linears(model, config.cpu_linears)
         return cls(model, tok, config)
 
     def fork(self) -> TargetRunner:

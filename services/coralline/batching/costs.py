@@ -57,7 +57,7 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def cache_file(model, fingerprint: str, fused: bool = True) -> Path:
+def cache_file(model, fingerprint: str, fused: bool = True, cpu_kernel: bool = False) -> Path:
     from coralline.models import cache_dir
 
     p = next(model.parameters())
@@ -65,6 +65,7 @@ def cache_file(model, fingerprint: str, fused: bool = True) -> Path:
     kernel = type(head).__name__  # the linear layers' kind (cpu_linear), and their pack's layout
     kernel += f"-{head.layout}" if hasattr(head, "layout") else ""
     kernel += "-fused" if fused else ""  # the scheduler's fused projections (forward.py)
+    kernel += "-cpuattn" if cpu_kernel else ""  # decode attention on cpu_attention's kernel
     name = (
         f"{fingerprint[:16]}-{_device_name(p.device)}-{p.dtype}-{kernel}-{torch.get_num_threads()}t"
     )
@@ -80,6 +81,7 @@ def measure(
     the fastest of `repeats` interleaved sweeps below 128 tokens, one run from 128 on).
     Needs free slots; leaves the pool as it found it."""
     model, pool, proj = scheduler.model, scheduler.pool, scheduler.projections
+    kern = getattr(scheduler, "cpu_kernel", False)  # the attention its batches run
     limit = scheduler.config.max_batch_tokens
     totals = [t for t in totals if t <= limit] or [min(totals)]
     context = min(context, pool.slot_tokens - 9)
@@ -91,7 +93,7 @@ def measure(
         for s in slots:  # the context every session has cached
             ids = torch.randint(0, vocab, (context,), generator=g)
             item = Item(s, 0, ids, torch.arange(context), None, False)
-            ragged_forward(model, pool, [item], proj)
+            ragged_forward(model, pool, [item], proj, kern)
         parents = [-1] + [(i - 1) // 2 for i in range(1, 8)]  # a binary 8-node tree
         mask8 = torch.zeros(8, 8, dtype=torch.bool)
         for i, p in enumerate(parents):
@@ -115,7 +117,7 @@ def measure(
                 if sweep and total >= 128:  # the large ones vary little
                     continue
                 t0 = time.perf_counter()
-                ragged_forward(model, pool, items, proj)
+                ragged_forward(model, pool, items, proj, kern)
                 times[total].append((time.perf_counter() - t0) * 1e3)
         return {t: min(ms) for t, ms in times.items()}
     finally:
@@ -127,7 +129,12 @@ def load_or_measure(scheduler, fingerprint: str, log=None) -> dict[int, float]:
     """The cached table for this target and device when a quick probe agrees with it, else a
     fresh measurement (then cached). Both run on the scheduler's thread, where its batches
     run (what they cost on another thread can differ: threads.py)."""
-    path = cache_file(scheduler.model, fingerprint, scheduler.projections is not None)
+    path = cache_file(
+        scheduler.model,
+        fingerprint,
+        scheduler.projections is not None,
+        getattr(scheduler, "cpu_kernel", False),
+    )
     if path.exists() and not os.environ.get("CORALLINE_REMEASURE"):
         try:
             cached = {int(k): float(v) for k, v in json.loads(path.read_text())["ms"].items()}

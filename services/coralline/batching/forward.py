@@ -15,7 +15,11 @@ usual case) and gathered otherwise; entries past an item's own length are masked
 finite by `KVPool.cover`); queries are padded to the largest item; one masked SDPA runs over
 all k. That saves k - 1 kernel launches per layer (~50 us each on a CPU: a SmolLM2 forward of
 16 one-token sessions went from ~120 to ~80 ms). The per-item path is the reference it is
-tested against, and what prompt chunks (and a lone item) use.
+tested against, and what prompt chunks (and a lone item) use. With `cpu_kernel`, when every
+shared item has at most cpu_attention.KERNEL_MAX_NODES tokens (decode steps, tiny trees) and the
+pool is CPU float32, that call runs on coralline's own kernel instead (cpu_attention.cpp): it
+reads each slot's own entries once for all of a kv head's queries, where SDPA pays per
+(item, head) overheads (SmolLM2 here: a 16-session decode forward 97 -> 82 ms).
 
 Given `Projections` (the scheduler builds one), each layer's q / k / v projections run as one
 fused linear, and its MLP's gate / up as another (cpu_linear.FusedLinear: ~7-10% off a SmolLM2
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from coralline.batching import cpu_attention
 from coralline.batching.pool import KVPool
 from coralline.cpu_linear import FusedLinear
 
@@ -103,7 +108,13 @@ class _SharedAttention:
     """The padded, masked attention of k >= 2 small items (built once per forward)."""
 
     def __init__(
-        self, pool: KVPool, items: Sequence[Item], which: list[int], bounds: list[int], dev
+        self,
+        pool: KVPool,
+        items: Sequence[Item],
+        which: list[int],
+        bounds: list[int],
+        dev,
+        kernel: bool = False,
     ) -> None:
         which = sorted(which, key=lambda i: items[i].slot)
         its = [items[i] for i in which]
@@ -112,11 +123,20 @@ class _SharedAttention:
         lens = [it.start + it.size for it in its]
         self.lmax = max(lens)
         self.slots = torch.tensor([it.slot for it in its], device=dev)  # [k]
+        # the CPU kernel (cpu_attention.py) reads each slot's own entries only; SDPA reads
+        # every slot's first lmax entries, masked
+        self.kernel = (
+            kernel
+            and self.nmax <= cpu_attention.KERNEL_MAX_NODES
+            and cpu_attention.usable(pool.keys[0], pool.keys[0])
+        )
+        self.lens = torch.tensor(lens, device=dev)  # [k]
         first = its[0].slot  # consecutive slots (the usual case: the lowest free slot is taken
         # first) are read through a view, with no copy
         self.run = first if [it.slot for it in its] == list(range(first, first + self.k)) else None
-        for it in its:  # entries past an item's own length are masked, but must be finite
-            pool.cover(it.slot, it.start + it.size, self.lmax)
+        if not self.kernel:
+            for it in its:  # entries past an item's own length are masked, but must be finite
+                pool.cover(it.slot, it.start + it.size, self.lmax)
         mask = torch.zeros(self.k, 1, self.nmax, self.lmax, dtype=torch.bool)
         mask[:, :, :, 0] = True  # padded query rows attend somewhere (their output is dropped)
         flat, tokens = [], []
@@ -126,6 +146,7 @@ class _SharedAttention:
             flat.extend(j * self.nmax + r for r in range(it.size))
             tokens.extend(range(bounds[i], bounds[i + 1]))
         self.mask = mask.to(dev)  # [k, 1, nmax, lmax]
+        self.mask3 = self.mask[:, 0]  # [k, nmax, lmax] (a contiguous view)
         self.flat = torch.tensor(flat, device=dev)  # [Tg] rows of the padded output, in order
         self.tokens = torch.tensor(tokens, device=dev)  # [Tg] their places in the batch
         q_rows = torch.zeros(self.k * self.nmax, dtype=torch.long)
@@ -135,14 +156,19 @@ class _SharedAttention:
     def __call__(self, pool: KVPool, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q [T, H, hd] (the whole batch) -> [Tg, H, hd] for the items' tokens, in order."""
         keys, values = pool.keys[layer], pool.values[layer]  # [slots, kvH, slot_tokens, hd]
+        h, hd = q.shape[1], q.shape[2]
+        qp = q.index_select(0, self.q_rows).view(self.k, self.nmax, h, hd).transpose(1, 2)
+        if self.kernel:
+            out = cpu_attention.kernel().pooled_attention(
+                qp.contiguous(), keys, values, self.slots, self.lens, self.mask3, scale
+            )  # [k, H, nmax, hd]
+            return out.transpose(1, 2).reshape(self.k * self.nmax, h, hd).index_select(0, self.flat)
         if self.run is not None:  # [k, kvH, L, hd] views
             keys = keys[self.run : self.run + self.k, :, : self.lmax]
             values = values[self.run : self.run + self.k, :, : self.lmax]
         else:  # [k, kvH, L, hd] copies
             keys = keys[:, :, : self.lmax].index_select(0, self.slots)
             values = values[:, :, : self.lmax].index_select(0, self.slots)
-        h, hd = q.shape[1], q.shape[2]
-        qp = q.index_select(0, self.q_rows).view(self.k, self.nmax, h, hd).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             qp, keys, values, attn_mask=self.mask, scale=scale, enable_gqa=True
         )  # [k, H, nmax, hd]
@@ -159,12 +185,18 @@ def _mask(item: Item, device) -> torch.Tensor:  # [n, start + n] bool
 
 @torch.inference_mode()
 def ragged_forward(
-    model, pool: KVPool, items: Sequence[Item], proj: Projections | None = None
+    model,
+    pool: KVPool,
+    items: Sequence[Item],
+    proj: Projections | None = None,
+    cpu_kernel: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Run every item in one pass; -> per item (hidden [n, d] after the final norm, on the
     model's device; logits [n - logits_from, V] float32 on the CPU or None). Writes each item's
     keys / values into its slot at start..start + n; the caller moves the slots' pointers.
-    `proj`: the fused projections (None: the model's own modules)."""
+    `proj`: the fused projections (None: the model's own modules). `cpu_kernel`: the shared
+    attention of items up to cpu_attention.KERNEL_MAX_NODES tokens runs on the CPU kernel where
+    it is available (CPU, float32); else on SDPA."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     if not items:
@@ -186,7 +218,9 @@ def ragged_forward(
         if not 0 <= it.logits_from < max(it.size, 1):
             raise ValueError(f"logits_from {it.logits_from} outside an item of {it.size} tokens")
     small = [i for i, it in enumerate(items) if it.size <= SHARED_ATTENTION_MAX]
-    shared = _SharedAttention(pool, items, small, bounds, dev) if len(small) >= 2 else None
+    shared = (
+        _SharedAttention(pool, items, small, bounds, dev, cpu_kernel) if len(small) >= 2 else None
+    )
     together = set(small) if shared is not None else set()
     masks = {i: _mask(it, dev) for i, it in enumerate(items) if i not in together}  # the rest
     slot_of = torch.cat([torch.full((it.size,), it.slot) for it in items]).to(dev)  # [T]

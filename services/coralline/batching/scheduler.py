@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import torch
 
+from coralline.batching import cpu_attention
 from coralline.batching.forward import Item, Projections, ragged_forward, unsupported
 from coralline.batching.pool import KVPool, PoolFull
 from coralline.tree import TokenTree
@@ -54,6 +55,8 @@ class BatchConfig:
     # others' round (SmolLM2 fp32, 2-core CPU: ~0.1 s)
     fused_projections: bool = True  # q / k / v and gate / up as one linear each (forward.py:
     # faster, for a copy of those weights)
+    cpu_attention: bool = True  # decode steps' attention on the CPU kernel where it builds
+    # (cpu_attention.py: CPU float32 pools; else, or False, PyTorch's SDPA)
     max_wait_ms: float = 20.0  # the longest a pending forward waits for the rest of the batch
     # (sessions resubmit within ~1-15 ms here: verification, commit, a drafter round trip)
 
@@ -102,6 +105,10 @@ class BatchScheduler:
         tokens = self.config.slot_tokens or ctx
         self.pool = KVPool.for_model(model, self.config.slots, min(tokens, ctx))
         self.projections = Projections(model) if self.config.fused_projections else None
+        # built (once per machine) or loaded now, not in the first batch
+        self.cpu_kernel = self.config.cpu_attention and cpu_attention.usable(
+            self.pool.keys[0], self.pool.keys[0]
+        )
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._pending: list[_Work] = []
@@ -261,7 +268,9 @@ class BatchScheduler:
             t0 = time.perf_counter()
             try:
                 items = [w.item for w in batch]
-                results = ragged_forward(self.model, self.pool, items, self.projections)
+                results = ragged_forward(
+                    self.model, self.pool, items, self.projections, self.cpu_kernel
+                )
                 error = None
             except BaseException as exc:  # handed to the sessions' threads
                 log.exception("batched forward failed")

@@ -116,3 +116,28 @@ def test_greedy_on_raw_logits_equals_greedy_on_the_warped_rows():
         verify_greedy_logits(TokenTree.chain(3, [9]), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="TokenTree"):
         verify_greedy_logits([3, 5], torch.zeros(2, 8))
+
+
+def test_row_argmax_is_torch_argmax_ties_nan_and_infinities_included():
+    """verification.greedy.row_argmax (NumPy's argmax on the CPU) returns what torch.argmax
+    returns: the first maximum, the first NaN over any number, for float32 and float64 rows,
+    strided views and inference tensors included; other dtypes go to torch itself."""
+    from coralline.verification.greedy import row_argmax
+
+    g = make_generator(11)
+    rows = [torch.randn(49152, generator=g) for _ in range(20)]
+    tie = torch.zeros(50)
+    tie[[7, 9, 30]] = 2.0  # ties: the first
+    nan = torch.randn(50, generator=g)
+    nan[[12, 40]] = float("nan")  # NaN wins, the first one
+    inf = torch.full((50,), float("-inf"))
+    pinf = torch.randn(50, generator=g)
+    pinf[[5, 6]] = float("inf")
+    zeros = torch.tensor([-0.0, 0.0, -0.0])
+    with torch.inference_mode():
+        inference_row = torch.randn(300, generator=g)
+    strided = torch.randn(64, 40, generator=g)[:, 3]  # a column: stride 40
+    cases = [*rows, tie, nan, inf, pinf, zeros, inference_row, strided]
+    cases += [c.double() for c in cases] + [torch.randn(99, generator=g).bfloat16(), tie.half()]
+    for row in cases:
+        assert row_argmax(row) == int(torch.argmax(row)), row

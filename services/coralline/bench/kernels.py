@@ -238,8 +238,10 @@ def markdown(report: dict) -> str:
         for name in ("attention", "pack"):
             if name in p:
                 d = p[name]
+                k = p["sessions"]
                 lines.append(
-                    f"- {p['sessions']} sessions, {name}: logits max |diff| {d['max_abs_diff']:.1e}"
+                    f"- {k} session{'s' if k != 1 else ''}, {name}: logits max |diff| "
+                    f"{d['max_abs_diff']:.1e}"
                     f", bitwise equal {d['bitwise_equal']}, argmax equal {d['argmax_equal']}"
                 )
     lines += [f"- {n}" for n in report["notes"]]

@@ -99,8 +99,9 @@ def test_bad_input_gets_a_clear_error(change, message):
 
 
 def test_the_ragged_forward_on_the_kernel_equals_the_per_item_reference(monkeypatch):
-    """Decode steps and trees of up to KERNEL_MAX_NODES nodes over a NaN-filled pool: the shared
-    attention runs on the kernel (counted), and every row equals attending item by item."""
+    """Decode steps and trees of up to KERNEL_MAX_NODES nodes, and two larger trees, over a
+    NaN-filled pool: the small ones share the kernel (counted), the larger ones an SDPA call,
+    and every row equals attending item by item."""
     from coralline.batching import forward
 
     kern = _kernel()
@@ -112,7 +113,7 @@ def test_the_ragged_forward_on_the_kernel_equals_the_per_item_reference(monkeypa
     for buf in (*pool.keys, *pool.values):
         buf.fill_(float("nan"))
     g = torch.Generator().manual_seed(9)
-    slots, prompts = [3, 0, 4], (11, 2, 23)
+    slots, prompts = [3, 0, 4, 1, 2], (11, 2, 23, 5, 9)
     for slot, n in zip(slots, prompts, strict=True):
         pool.acquire()
         ids = torch.randint(0, 40, (n,), generator=g)
@@ -122,13 +123,23 @@ def test_the_ragged_forward_on_the_kernel_equals_the_per_item_reference(monkeypa
         TokenTree.chain(7, []),  # a decode step
         TokenTree.from_parents([5, 9, 10, 11], [-1, 0, 0, 1]),  # 4 nodes: the kernel's largest
         TokenTree.chain(11, [3]),
+        TokenTree.from_parents([1, 2, 3, 4, 5, 6], [-1, 0, 0, 1, 1, 2]),  # larger: SDPA ...
+        TokenTree.chain(8, [9, 10, 11, 12, 13, 14]),  # ... sharing a call of their own
     ]
     items = [
         Item(s, pool.lengths[s], t.tokens, t.position_ids(pool.lengths[s]), t.ancestor_mask, True)
         for s, t in zip(slots, trees, strict=True)
     ]
+    sdpa = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **k: sdpa.append(1) or real_sdpa(*a, **k)
+    )
     got = ragged_forward(target, pool, items, cpu_kernel=True)
-    assert len(calls) == target.config.num_hidden_layers  # one call per layer
+    layers = target.config.num_hidden_layers
+    assert len(calls) == layers  # one kernel call per layer for the 3 small items
+    assert len(sdpa) == layers  # one SDPA call per layer for the 2 larger trees
+    monkeypatch.setattr(F, "scaled_dot_product_attention", real_sdpa)
     monkeypatch.setattr(forward, "SHARED_ATTENTION_MAX", 0)  # every item alone: the reference
     want = ragged_forward(target, pool, items)
     for (h1, l1), (h2, l2) in zip(got, want, strict=True):

@@ -15,11 +15,12 @@ usual case) and gathered otherwise; entries past an item's own length are masked
 finite by `KVPool.cover`); queries are padded to the largest item; one masked SDPA runs over
 all k. That saves k - 1 kernel launches per layer (~50 us each on a CPU: a SmolLM2 forward of
 16 one-token sessions went from ~120 to ~80 ms). The per-item path is the reference it is
-tested against, and what prompt chunks (and a lone item) use. With `cpu_kernel`, when every
-shared item has at most cpu_attention.KERNEL_MAX_NODES tokens (decode steps, tiny trees) and the
-pool is CPU float32, that call runs on coralline's own kernel instead (cpu_attention.cpp): it
-reads each slot's own entries once for all of a kv head's queries, where SDPA pays per
-(item, head) overheads (SmolLM2 here: a 16-session decode forward 97 -> 82 ms).
+tested against, and what prompt chunks (and a lone item) use. With `cpu_kernel` on a CPU
+float32 pool, the items of at most cpu_attention.KERNEL_MAX_NODES tokens (decode steps, tiny
+trees) share one call of coralline's own kernel instead (cpu_attention.cpp), and the larger
+small items one SDPA call of their own, so one session's tree does not send every decode step
+to SDPA. The kernel reads each slot's own entries once for all of a kv head's queries, where
+SDPA pays per (item, head) overheads (SmolLM2 here: a 16-session decode forward 97 -> 82 ms).
 
 Given `Projections` (the scheduler builds one), each layer's q / k / v projections run as one
 fused linear, and its MLP's gate / up as another (cpu_linear.FusedLinear: ~7-10% off a SmolLM2
@@ -117,6 +118,7 @@ class _SharedAttention:
         kernel: bool = False,
     ) -> None:
         which = sorted(which, key=lambda i: items[i].slot)
+        self.which = which  # the items it attends for
         its = [items[i] for i in which]
         self.k = len(its)
         self.nmax = max(it.size for it in its)
@@ -218,10 +220,17 @@ def ragged_forward(
         if not 0 <= it.logits_from < max(it.size, 1):
             raise ValueError(f"logits_from {it.logits_from} outside an item of {it.size} tokens")
     small = [i for i, it in enumerate(items) if it.size <= SHARED_ATTENTION_MAX]
-    shared = (
-        _SharedAttention(pool, items, small, bounds, dev, cpu_kernel) if len(small) >= 2 else None
-    )
-    together = set(small) if shared is not None else set()
+    groups = [small]
+    if cpu_kernel and cpu_attention.usable(pool.keys[0], pool.keys[0]):
+        # decode steps share the kernel's call; one session's larger tree must not send them
+        # all to SDPA (the trees share a padded SDPA call of their own)
+        tiny = [i for i in small if items[i].size <= cpu_attention.KERNEL_MAX_NODES]
+        if len(tiny) >= 2:
+            groups = [tiny, [i for i in small if items[i].size > cpu_attention.KERNEL_MAX_NODES]]
+    shared = [
+        _SharedAttention(pool, items, g, bounds, dev, cpu_kernel) for g in groups if len(g) >= 2
+    ]
+    together = {i for sa in shared for i in sa.which}
     masks = {i: _mask(it, dev) for i, it in enumerate(items) if i not in together}  # the rest
     slot_of = torch.cat([torch.full((it.size,), it.slot) for it in items]).to(dev)  # [T]
     at = torch.cat([torch.arange(it.start, it.start + it.size) for it in items]).to(dev)  # [T]
@@ -239,8 +248,8 @@ def ragged_forward(
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         pool.write_many(li, slot_of, at, k[0], v[0])
         o = torch.empty(total, q.shape[1], hd, dtype=q.dtype, device=dev)  # [T, H, hd]
-        if shared is not None:
-            o[shared.tokens] = shared(pool, li, q[0].transpose(0, 1), attn.scaling)
+        for sa in shared:
+            o[sa.tokens] = sa(pool, li, q[0].transpose(0, 1), attn.scaling)
         for i, m in masks.items():  # the items attending alone
             it, a, b = items[i], bounds[i], bounds[i + 1]
             keys, values = pool.view(li, it.slot, it.start + it.size)  # [kvH, L, hd]

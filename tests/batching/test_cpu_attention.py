@@ -161,6 +161,8 @@ def test_larger_trees_and_a_switched_off_kernel_keep_sdpa(monkeypatch):
         items.append(Item(slot, 0, torch.arange(n), torch.arange(n), None, True))
     ragged_forward(target, pool, items, cpu_kernel=True)  # 5-token items: SDPA
     assert calls == []
+    assert cpu_attention.usable(torch.zeros(1), torch.zeros(2))
+    assert not cpu_attention.usable(torch.zeros(1), torch.zeros(2, dtype=torch.float64))
     on = BatchScheduler(target, BatchConfig(slots=2))
     off = BatchScheduler(target, BatchConfig(slots=2, cpu_attention=False))
     assert on.cpu_kernel and not off.cpu_kernel
@@ -171,4 +173,4 @@ def test_the_environment_switches_the_kernel_off(monkeypatch):
     monkeypatch.setenv("CORALLINE_CPU_ATTENTION", "0")
     assert cpu_attention.kernel() is None
     assert cpu_attention.error() == "CORALLINE_CPU_ATTENTION=0"
-    assert not cpu_attention.usable(torch.zeros(1), torch.zeros(1))
+    assert not cpu_attention.usable(torch.zeros(1))

@@ -10,7 +10,7 @@ takes ~45 s on the 2-core machine here; `make install` runs it (`python -m
 coralline.batching.cpu_attention`), so servers and tests find it built. Concurrent builders wait
 on the build folder's lock.
 
-`usable(q, pool)`: the kernel serves CPU float32 pools. forward._SharedAttention uses it for
+`usable(*tensors)`: the kernel serves CPU float32 pools. forward._SharedAttention uses it for
 items of at most KERNEL_MAX_NODES tokens (decode steps and tiny trees), where it measured faster
 than SDPA (SmolLM2 here: a 16-session decode forward 97 -> 82 ms); larger trees keep SDPA, whose
 GEMMs win there (4 sessions of 16 nodes: SDPA ~1.7x faster on the attention alone).
@@ -123,13 +123,10 @@ def _build():
     return module
 
 
-def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether the kernel serves these tensors (CPU float32) and is available."""
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel serves these tensors (all CPU float32) and is available."""
     return (
-        q.device.type == "cpu"
-        and keys.device.type == "cpu"
-        and q.dtype == torch.float32
-        and keys.dtype == torch.float32
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and kernel() is not None
     )
 

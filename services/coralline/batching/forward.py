@@ -130,7 +130,7 @@ class _SharedAttention:
         self.kernel = (
             kernel
             and self.nmax <= cpu_attention.KERNEL_MAX_NODES
-            and cpu_attention.usable(pool.keys[0], pool.keys[0])
+            and cpu_attention.usable(pool.keys[0])
         )
         self.lens = torch.tensor(lens, device=dev)  # [k]
         first = its[0].slot  # consecutive slots (the usual case: the lowest free slot is taken
@@ -221,7 +221,7 @@ def ragged_forward(
             raise ValueError(f"logits_from {it.logits_from} outside an item of {it.size} tokens")
     small = [i for i, it in enumerate(items) if it.size <= SHARED_ATTENTION_MAX]
     groups = [small]
-    if cpu_kernel and cpu_attention.usable(pool.keys[0], pool.keys[0]):
+    if cpu_kernel and cpu_attention.usable(pool.keys[0]):
         # decode steps share the kernel's call; one session's larger tree must not send them
         # all to SDPA (the trees share a padded SDPA call of their own)
         tiny = [i for i in small if items[i].size <= cpu_attention.KERNEL_MAX_NODES]

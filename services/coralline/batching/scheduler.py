@@ -106,9 +106,7 @@ class BatchScheduler:
         self.pool = KVPool.for_model(model, self.config.slots, min(tokens, ctx))
         self.projections = Projections(model) if self.config.fused_projections else None
         # built (once per machine) or loaded now, not in the first batch
-        self.cpu_kernel = self.config.cpu_attention and cpu_attention.usable(
-            self.pool.keys[0], self.pool.keys[0]
-        )
+        self.cpu_kernel = self.config.cpu_attention and cpu_attention.usable(self.pool.keys[0])
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._pending: list[_Work] = []

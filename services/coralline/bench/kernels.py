@@ -144,7 +144,7 @@ def run(cfg: KernelBenchConfig, command: str = "") -> dict:
         runner = TargetRunner.load(TargetConfig(model=cfg.model))
         model = runner.model
         proj = Projections(model)
-        kernel = cpu_attention.usable(next(model.parameters()), next(model.parameters()))
+        kernel = cpu_attention.usable(next(model.parameters()))
         packs = _Packs(model, proj)
         pool = KVPool.for_model(model, max(cfg.sessions), cfg.context + 7 * max(cfg.sessions) + 8)
         rows = []

@@ -22,6 +22,16 @@ def _kernel():
     return module
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that grows by one at each call of the kernel."""
+    kern = _kernel()
+    calls = []
+    real = kern.pooled_attention
+    monkeypatch.setattr(kern, "pooled_attention", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def _reference(q, keys, values, slots, lens, mask, scale):
     """Item by item: SDPA over the slot's first lens[b] entries with that item's mask."""
     out = torch.zeros_like(q)
@@ -98,16 +108,13 @@ def test_bad_input_gets_a_clear_error(change, message):
         kern.pooled_attention(*args.values(), 1.0)
 
 
-def test_the_ragged_forward_on_the_kernel_equals_the_per_item_reference(monkeypatch):
+def test_the_ragged_forward_on_the_kernel_equals_the_per_item_reference(monkeypatch, kernel_calls):
     """Decode steps and trees of up to KERNEL_MAX_NODES nodes, and two larger trees, over a
     NaN-filled pool: the small ones share the kernel (counted), the larger ones an SDPA call,
     and every row equals attending item by item."""
     from coralline.batching import forward
 
-    kern = _kernel()
-    calls = []
-    real = kern.pooled_attention
-    monkeypatch.setattr(kern, "pooled_attention", lambda *a: calls.append(1) or real(*a))
+    calls = kernel_calls
     target = tiny_llama(40, seed=5, layers=2)
     pool = KVPool.for_model(target, slots=5, slot_tokens=64)
     for buf in (*pool.keys, *pool.values):
@@ -147,11 +154,8 @@ def test_the_ragged_forward_on_the_kernel_equals_the_per_item_reference(monkeypa
         assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(h1, h2, atol=1e-5)
 
 
-def test_larger_trees_and_a_switched_off_kernel_keep_sdpa(monkeypatch):
-    kern = _kernel()
-    calls = []
-    real = kern.pooled_attention
-    monkeypatch.setattr(kern, "pooled_attention", lambda *a: calls.append(1) or real(*a))
+def test_larger_trees_and_a_switched_off_kernel_keep_sdpa(kernel_calls):
+    calls = kernel_calls
     target = tiny_llama(40, seed=5, layers=2)
     pool = KVPool.for_model(target, slots=3, slot_tokens=64)
     n = cpu_attention.KERNEL_MAX_NODES + 1

@@ -152,25 +152,15 @@ def run(cfg: KernelBenchConfig, command: str = "") -> dict:
             _log(f"{k} sessions")
             items = _sessions(model, pool, packs.use("blocked"), k, cfg.context)
             point: dict = {"sessions": k}
+
+            def variant(layout: str, attention: bool, items=items):
+                return lambda: ragged_forward(model, pool, items, packs.use(layout), attention)
+
             if kernel and k >= 2:
-
-                def sdpa(items=items):
-                    return ragged_forward(model, pool, items, packs.use("blocked"), False)
-
-                def kern(items=items):
-                    return ragged_forward(model, pool, items, packs.use("blocked"), True)
-
-                ab = _ab(sdpa, kern, cfg.repeats)
+                ab = _ab(variant("blocked", False), variant("blocked", True), cfg.repeats)
                 point["attention"] = {"sdpa_ms": ab.pop("a_ms"), "kernel_ms": ab.pop("b_ms"), **ab}
             if packs.available:
-
-                def plain(items=items):
-                    return ragged_forward(model, pool, items, packs.use("plain"), kernel)
-
-                def blocked(items=items):
-                    return ragged_forward(model, pool, items, packs.use("blocked"), kernel)
-
-                ab = _ab(plain, blocked, cfg.repeats)
+                ab = _ab(variant("plain", kernel), variant("blocked", kernel), cfg.repeats)
                 point["pack"] = {"plain_ms": ab.pop("a_ms"), "blocked_ms": ab.pop("b_ms"), **ab}
             packs.use("blocked")
             for it in items:

@@ -115,7 +115,7 @@ class _SharedAttention:
         which: list[int],
         bounds: list[int],
         dev,
-        kernel: bool = False,
+        kernel: bool = False,  # the CPU kernel serves this pool (ragged_forward checked it)
     ) -> None:
         which = sorted(which, key=lambda i: items[i].slot)
         self.which = which  # the items it attends for
@@ -127,11 +127,7 @@ class _SharedAttention:
         self.slots = torch.tensor([it.slot for it in its], device=dev)  # [k]
         # the CPU kernel (cpu_attention.py) reads each slot's own entries only; SDPA reads
         # every slot's first lmax entries, masked
-        self.kernel = (
-            kernel
-            and self.nmax <= cpu_attention.KERNEL_MAX_NODES
-            and cpu_attention.usable(pool.keys[0])
-        )
+        self.kernel = kernel and self.nmax <= cpu_attention.KERNEL_MAX_NODES
         self.lens = torch.tensor(lens, device=dev)  # [k]
         first = its[0].slot  # consecutive slots (the usual case: the lowest free slot is taken
         # first) are read through a view, with no copy
@@ -221,7 +217,8 @@ def ragged_forward(
             raise ValueError(f"logits_from {it.logits_from} outside an item of {it.size} tokens")
     small = [i for i, it in enumerate(items) if it.size <= SHARED_ATTENTION_MAX]
     groups = [small]
-    if cpu_kernel and cpu_attention.usable(pool.keys[0]):
+    cpu_kernel = cpu_kernel and cpu_attention.usable(pool.keys[0])  # checked once per forward
+    if cpu_kernel:
         # decode steps share the kernel's call; one session's larger tree must not send them
         # all to SDPA (the trees share a padded SDPA call of their own)
         tiny = [i for i in small if items[i].size <= cpu_attention.KERNEL_MAX_NODES]

@@ -820,7 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-wait-ms",
         type=float,
         default=20.0,
-        help="the longest a round waits for the other sessions' rounds",
+        help="how long a round waits for the other sessions' rounds at least (longer for "
+        "sessions that usually take longer to come back, up to one forward: docs/batching.md)",
     )
     bt.add_argument(
         "--speculation",

@@ -9,9 +9,16 @@ import threading
 import pytest
 import torch
 
+from coralline.batching import scheduler as scheduler_mod
 from coralline.batching.forward import Item, Projections, ragged_forward, unsupported
 from coralline.batching.pool import KVPool, PoolFull
-from coralline.batching.scheduler import BatchConfig, BatchScheduler, SessionGone, pooled
+from coralline.batching.scheduler import (
+    BatchConfig,
+    BatchScheduler,
+    SessionGone,
+    gather_wait,
+    pooled,
+)
 from coralline.draft.model import ModelDrafter, ModelDrafterConfig
 from coralline.engine import Engine, generate_ids
 from coralline.sampling import SamplingParams
@@ -336,6 +343,8 @@ def test_scheduler_errors(models):
         BatchConfig(slots=0)
     with pytest.raises(ValueError, match="max_wait_ms"):
         BatchConfig(max_wait_ms=-1)
+    with pytest.raises(ValueError, match="gap_factor"):
+        BatchConfig(gap_factor=0.5)
     sched = BatchScheduler(target, BatchConfig(slots=1, max_batch_tokens=4))
     runner = TargetRunner(target, None, kv=_kv(sched))
     runner.prefill([1, 2, 3, 4, 5, 6, 7])  # chunks: a prompt is not bounded by a batch
@@ -360,3 +369,56 @@ def test_unsupported_models_are_named():
     assert "not a Llama-shaped" in unsupported(Plain())
     with pytest.raises(ValueError, match="cannot run this model"):
         BatchScheduler(Plain())
+
+
+def test_gather_wait_follows_the_missing_sessions_gaps_up_to_a_forward():
+    assert gather_wait(0.02, [], 0.09, 1.5) == 0.02  # no gap known: the floor
+    assert gather_wait(0.02, [0.004, 0.006], 0.09, 1.5) == 0.02  # plain decoding: the floor
+    assert gather_wait(0.02, [0.01, 0.04], 0.09, 1.5) == pytest.approx(0.06)  # the slowest
+    assert gather_wait(0.02, [0.08], 0.09, 1.5) == pytest.approx(0.09)  # never past a forward
+    assert gather_wait(0.05, [0.08], 0.03, 1.5) == 0.05  # the floor over a short forward
+
+
+def _two_sessions_one_slow(models, monkeypatch, adaptive: bool, rounds: int = 14):
+    """A resubmits at once, B 40 ms after each of its forwards (a drafter round trip), over a
+    device whose forward takes 80 ms; -> the scheduler's batch sizes."""
+    target, _ = models
+    real = scheduler_mod.ragged_forward
+
+    def slow_device(*args, **kw):
+        threading.Event().wait(0.08)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(scheduler_mod, "ragged_forward", slow_device)
+    sched = BatchScheduler(target, BatchConfig(slots=2, max_wait_ms=5, adaptive_wait=adaptive))
+    runners = [TargetRunner(target, None, kv=_kv(sched)) for _ in range(2)]
+    for r in runners:
+        r.prefill([1, 2, 3])
+    prefills = dict(sched.stats.sessions_hist)
+    start = threading.Barrier(2)
+
+    def session(runner, gap_s):
+        start.wait()
+        for _ in range(rounds):
+            runner.tree_forward(TokenTree.chain(3, [5]))
+            runner.commit([0, 1])
+            threading.Event().wait(gap_s)
+
+    gaps = (0.0, 0.04)
+    threads = [threading.Thread(target=session, args=a) for a in zip(runners, gaps, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    sched.close()
+    return {k: n - prefills.get(k, 0) for k, n in sched.stats.sessions_hist.items()}
+
+
+def test_sessions_slower_than_the_floor_still_share_forwards(models, monkeypatch):
+    """B misses every batch by its 40 ms round trip. Waiting only max_wait_ms (5 ms), A runs
+    alone in every other batch; waiting for B's usual gap (60 ms < one 80 ms forward), A and B
+    share their forwards after the first gap is seen."""
+    fixed = _two_sessions_one_slow(models, monkeypatch, adaptive=False)
+    assert fixed.get(2, 0) <= 9 and fixed.get(1, 0) >= 10  # A alone, B's last rounds alone
+    adaptive = _two_sessions_one_slow(models, monkeypatch, adaptive=True)
+    assert adaptive.get(2, 0) >= 11 and adaptive.get(1, 0) <= 6  # alone: before a gap is seen

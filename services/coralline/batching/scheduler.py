@@ -6,7 +6,13 @@ until they ran; one scheduler thread runs them in batches, each ONE ragged forwa
 
 - Gathering: when work is pending, the batch starts as soon as every session of the previous
   batch that still holds its slot has submitted again (they are busy verifying, committing and
-  drafting in between), or when the oldest pending forward has waited `max_wait_ms`.
+  drafting in between), or when the oldest pending forward has waited long enough for them
+  (`gather_wait`): `max_wait_ms`, or longer where those sessions usually take longer to come
+  back (a speculating session's round trip to its drafter: ~30-50 ms on the 2-core CPU), but
+  never longer than a forward takes. Without that, sessions that miss one batch by a drafter
+  round trip split into groups whose forwards alternate and never merge again (4 speculating
+  sessions here: 2.1 sessions per forward, 41.7 tok/s; waiting for them: 3.4, 52.1 tok/s;
+  docs/batching.md).
   Sessions join (their first prefill chunk) and leave (their slot is freed) between batches.
 - Composition: trees first (decoding sessions), in arrival order, then prefill chunks, while the
   batch holds at most `max_batch_tokens` tokens (the first item always runs). A prompt enters
@@ -26,6 +32,7 @@ Knows nothing about drafting, verification or gRPC.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections import deque
@@ -57,14 +64,34 @@ class BatchConfig:
     # faster, for a copy of those weights)
     cpu_attention: bool = True  # decode steps' attention on the CPU kernel where it builds
     # (cpu_attention.py: CPU float32 pools; else, or False, PyTorch's SDPA)
-    max_wait_ms: float = 20.0  # the longest a pending forward waits for the rest of the batch
-    # (sessions resubmit within ~1-15 ms here: verification, commit, a drafter round trip)
+    max_wait_ms: float = 20.0  # how long a pending forward waits for the rest of the batch at
+    # least (plain decoding resubmits within ~1-15 ms here: verification, commit, streaming)
+    adaptive_wait: bool = True  # wait longer for sessions that usually come back later
+    # (gap_factor x their usual resubmit gap), up to one forward's time (gather_wait)
+    gap_factor: float = 1.5  # margin over a session's usual resubmit gap
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.max_batch_tokens < 1 or self.prefill_chunk < 1:
             raise ValueError("slots, max_batch_tokens and prefill_chunk must be >= 1")
         if self.slot_tokens < 0 or self.max_wait_ms < 0:
             raise ValueError("slot_tokens and max_wait_ms must be >= 0")
+        if not self.gap_factor >= 1:
+            raise ValueError("gap_factor must be >= 1")
+
+
+GAP_SMOOTHING = 0.3  # weight of a session's newest resubmit gap in its running figure
+
+
+def gather_wait(floor_s: float, gaps: Sequence[float], forward_s: float, factor: float) -> float:
+    """Seconds a pending forward waits for the last batch's sessions still missing (pure).
+
+    gaps: those sessions' usual resubmit gaps (from their last forward's end to their next
+    submission); forward_s: what a forward takes now. At least `floor_s`; else `factor` x the
+    longest gap, but never more than `forward_s`: a late session run in a forward of its own
+    costs about a forward, so waiting longer than one cannot pay."""
+    if not gaps:
+        return floor_s
+    return max(floor_s, min(factor * max(gaps), forward_s))
 
 
 class SessionGone(RuntimeError):
@@ -117,6 +144,8 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._free_since = 0.0  # perf_counter when the last batch ended
+        self._done_at: dict[int, float] = {}  # slot -> when its last tree's forward ended
+        self._gap: dict[int, float] = {}  # slot -> its running resubmit gap (s)
         self.recent: deque[tuple[int, float]] = deque(maxlen=32)  # (tokens, seconds) of the
         # last batches (the speculation switch reads how loaded the machine is from them)
         # called as on_batch(items, tokens, forward seconds) after each batch (metrics)
@@ -135,6 +164,8 @@ class BatchScheduler:
                 w.error = SessionGone(f"KV slot {slot} was freed while its forward waited")
                 w.done.set()
             self._expected.discard(slot)
+            self._done_at.pop(slot, None)
+            self._gap.pop(slot, None)
             if slot in self._running:
                 self._release_after.add(slot)
             else:
@@ -169,6 +200,10 @@ class BatchScheduler:
         work = _Work(item, tree)
         with self._cond:
             self._started()
+            done_at = self._done_at.pop(item.slot, None)
+            if tree and done_at is not None:  # how long this session took to come back
+                gap, old = work.queued - done_at, self._gap.get(item.slot)
+                self._gap[item.slot] = gap if old is None else old + GAP_SMOOTHING * (gap - old)
             self._pending.append(work)
             self._cond.notify_all()
         work.done.wait()
@@ -213,6 +248,17 @@ class BatchScheduler:
         pending = {w.item.slot for w in self._pending}
         return self._expected <= pending
 
+    def _wait_s(self) -> float:  # under self._cond
+        """How long the pending forwards wait for the missing sessions (gather_wait)."""
+        cfg = self.config
+        floor = cfg.max_wait_ms / 1e3
+        if not cfg.adaptive_wait or not self.recent:
+            return floor
+        missing = self._expected - {w.item.slot for w in self._pending}
+        gaps = [self._gap[s] for s in missing if s in self._gap]
+        forward = statistics.median(s for _, s in list(self.recent)[-8:])
+        return gather_wait(floor, gaps, forward, cfg.gap_factor)
+
     def _take(self) -> list[_Work]:
         budget = self.config.max_batch_tokens
         order = [w for w in self._pending if w.tree] + [w for w in self._pending if not w.tree]
@@ -230,7 +276,6 @@ class BatchScheduler:
         return batch
 
     def _loop(self) -> None:
-        wait_s = self.config.max_wait_ms / 1e3
         while True:
             with self._cond:
                 while not self._pending and not self._calls and not self._closed:
@@ -244,9 +289,8 @@ class BatchScheduler:
                     # the wait counts from when the scheduler is free: a forward queued while
                     # the last batch ran has not waited for the others yet
                     since = max(min(w.queued for w in self._pending), self._free_since)
-                    deadline = since + wait_s
                     while not self._ready() and not self._closed:
-                        left = deadline - time.perf_counter()
+                        left = since + self._wait_s() - time.perf_counter()
                         if left <= 0:
                             break
                         self._cond.wait(left)
@@ -293,6 +337,8 @@ class BatchScheduler:
                         assert results is not None
                         w.result = results[i]
                         self.pool.lengths[w.item.slot] = w.item.start + w.item.size
+                        if w.tree:
+                            self._done_at[w.item.slot] = t1
                     else:
                         w.error = error
                     w.done.set()

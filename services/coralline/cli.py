@@ -234,6 +234,7 @@ def _batch_config(args: argparse.Namespace):
         max_batch_tokens=args.max_batch_tokens,
         prefill_chunk=args.prefill_chunk,
         max_wait_ms=args.batch_wait_ms,
+        adaptive_wait=not args.fixed_batch_wait,
     )
 
 
@@ -822,6 +823,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="how long a round waits for the other sessions' rounds at least (longer for "
         "sessions that usually take longer to come back, up to one forward: docs/batching.md)",
+    )
+    bt.add_argument(
+        "--fixed-batch-wait",
+        action="store_true",
+        help="wait --batch-wait-ms at most, whatever the sessions' usual resubmit gaps",
     )
     bt.add_argument(
         "--speculation",

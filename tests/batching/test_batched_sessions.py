@@ -376,7 +376,9 @@ def test_gather_wait_follows_the_missing_sessions_gaps_up_to_a_forward():
     assert gather_wait(0.02, [0.004, 0.006], 0.09, 1.5) == 0.02  # plain decoding: the floor
     assert gather_wait(0.02, [0.01, 0.04], 0.09, 1.5) == pytest.approx(0.06)  # the slowest
     assert gather_wait(0.02, [0.08], 0.09, 1.5) == pytest.approx(0.09)  # never past a forward
-    assert gather_wait(0.05, [0.08], 0.03, 1.5) == 0.05  # the floor over a short forward
+    assert gather_wait(0.05, [0.02], 0.03, 1.5) == 0.05  # the floor over a short forward
+    assert gather_wait(0.02, [0.2], 0.09, 1.5) == 0.02  # slower than a forward: not waited for
+    assert gather_wait(0.02, [0.2, 0.04], 0.09, 1.5) == pytest.approx(0.06)  # the others are
 
 
 def _two_sessions_one_slow(models, monkeypatch, adaptive: bool, rounds: int = 14):

@@ -88,10 +88,14 @@ def gather_wait(floor_s: float, gaps: Sequence[float], forward_s: float, factor:
     gaps: those sessions' usual resubmit gaps (from their last forward's end to their next
     submission); forward_s: what a forward takes now. At least `floor_s`; else `factor` x the
     longest gap, but never more than `forward_s`: a late session run in a forward of its own
-    costs about a forward, so waiting longer than one cannot pay."""
-    if not gaps:
+    costs about a forward, so waiting longer than one cannot pay. A session that usually comes
+    back later than a forward takes (a slow client, a distant drafter) is not waited for past
+    the floor: it joins the batch after next without costing a forward, and waiting for it
+    would delay everyone else's every other round."""
+    near = [g for g in gaps if g <= forward_s]
+    if not near:
         return floor_s
-    return max(floor_s, min(factor * max(gaps), forward_s))
+    return max(floor_s, min(factor * max(near), forward_s))
 
 
 class SessionGone(RuntimeError):

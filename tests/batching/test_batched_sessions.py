@@ -412,7 +412,9 @@ def _two_sessions_one_slow(models, monkeypatch, adaptive: bool, rounds: int = 14
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads)  # every round ran
     sched.close()
+    assert sched.stats.items - sum(k * n for k, n in prefills.items()) == 2 * rounds  # trees
     return {k: n - prefills.get(k, 0) for k, n in sched.stats.sessions_hist.items()}
 
 

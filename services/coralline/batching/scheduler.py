@@ -11,8 +11,7 @@ until they ran; one scheduler thread runs them in batches, each ONE ragged forwa
   back (a speculating session's round trip to its drafter: ~30-50 ms on the 2-core CPU), but
   never longer than a forward takes. Without that, sessions that miss one batch by a drafter
   round trip split into groups whose forwards alternate and never merge again (4 speculating
-  sessions here: 2.1 sessions per forward, 41.7 tok/s; waiting for them: 3.4, 52.1 tok/s;
-  docs/batching.md).
+  sessions here: 1.9-2.0 sessions per forward; waiting for them: 3.4; docs/batching.md).
   Sessions join (their first prefill chunk) and leave (their slot is freed) between batches.
 - Composition: trees first (decoding sessions), in arrival order, then prefill chunks, while the
   batch holds at most `max_batch_tokens` tokens (the first item always runs). A prompt enters
